@@ -1,0 +1,124 @@
+/**
+ * Plain records of the server's domain. Storage adapters read and write these; services
+ * translate them to and from API messages. No I/O here.
+ */
+
+/** How a volume is encrypted on the host (API enum VolumeFormat). */
+export type VolumeFormatName = 'luks' | 'qcow2-luks' | 'luks2' | 'plain';
+/** Life-cycle state of one version of a volume's secret. */
+export type KeyStateName = 'pending' | 'active' | 'retired' | 'destroyed';
+/** The role a client certificate names. */
+export type RoleName = 'admin' | 'frontend' | 'host';
+/** Enrollment state of a host. */
+export type HostStateName = 'enrolled' | 'revoked';
+
+/** A managed volume. Holds no secret. */
+export interface VolumeRecord {
+  id: string;
+  name: string;
+  sizeBytes: bigint;
+  format: VolumeFormatName;
+  cipher: string;
+  keySizeBits: number;
+  sectorSize: number;
+  /** The version hosts use now (0 only transiently while creating). */
+  activeVersion: number;
+  createdAt: string;
+}
+
+/** One version of a volume's secret; `sealed` is the envelope, null once destroyed. */
+export interface KeyVersionRecord {
+  volumeId: string;
+  version: number;
+  state: KeyStateName;
+  sealed: Uint8Array | null;
+  createdAt: string;
+}
+
+/** A guest (libvirt domain) and its placement. */
+export interface GuestRecord {
+  id: string;
+  name: string;
+  domainXml: string;
+  /** Host id, or null when not placed. */
+  hostId: string | null;
+  autostart: boolean;
+  createdAt: string;
+  updatedAt: string;
+  /** Increases with every change of desired state. */
+  generation: number;
+  /** Volume ids in the order given at definition. */
+  volumeIds: string[];
+}
+
+/** An enrolled (or revoked) libvirt host. */
+export interface HostRecord {
+  id: string;
+  name: string;
+  state: HostStateName;
+  /** Raw X25519 public key that key packets are sealed to. */
+  boxPublicKey: Uint8Array;
+  /** Serial (hex) of the host's current certificate. */
+  certSerial: string;
+  enrolledAt: string;
+  revokedAt: string | null;
+  lastSeenAt: string | null;
+}
+
+/** A one-time enrollment token. Only a hash of its secret part is stored. */
+export interface EnrollmentTokenRecord {
+  id: string;
+  hostName: string;
+  /** SHA-256 of the token's secret part. */
+  secretHash: Uint8Array;
+  createdAt: string;
+  expiresAt: string;
+  usedAt: string | null;
+  createdBy: string;
+}
+
+/** A certificate issued by the internal CA. */
+export interface CertificateRecord {
+  /** Lower-case hex serial. */
+  serial: string;
+  role: RoleName;
+  /** Principal name (the certificate's CN). */
+  name: string;
+  issuedAt: string;
+  expiresAt: string;
+  revokedAt: string | null;
+}
+
+/** What a caller appends to the audit log. */
+export interface AuditEntryInput {
+  /** "<role>:<name>" or "server". */
+  actor: string;
+  /** Dotted action name, e.g. "volume.create", "key.release", "key.refuse". */
+  action: string;
+  target: string;
+  outcome: 'ok' | 'denied' | 'failed';
+  /** Non-secret details; serialised as canonical JSON. */
+  detail?: Record<string, string | number | boolean | null>;
+}
+
+/** A stored audit event with its place in the hash chain. */
+export interface AuditRecord {
+  seq: number;
+  time: string;
+  actor: string;
+  action: string;
+  target: string;
+  outcome: string;
+  /** Canonical JSON of the detail object ("{}" when none). */
+  detailJson: string;
+  /** Hex SHA-256 of the previous event (64 zeros for the first). */
+  prevHash: string;
+  /** Hex SHA-256 over prevHash and this event's fields; see audit/chain.ts. */
+  hash: string;
+}
+
+/** A page of results and the token for the next one ("" at the end). */
+export interface Page<T> {
+  items: T[];
+  nextPageToken: string;
+}

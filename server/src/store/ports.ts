@@ -1,0 +1,129 @@
+/**
+ * The storage port of the server. The real adapter is SQLite (sqlite-store.ts); the
+ * store sees only sealed secrets, never plaintext. Reads are synchronous; every write
+ * goes through `write()`, which runs the unit inside a transaction shared with other
+ * units queued at the same time (group commit) and resolves only once that transaction
+ * is durable (synchronous=FULL). A unit that throws is rolled back alone (savepoint).
+ */
+import type {
+  AuditEntryInput,
+  AuditRecord,
+  CertificateRecord,
+  EnrollmentTokenRecord,
+  GuestRecord,
+  HostRecord,
+  KeyVersionRecord,
+  Page,
+  VolumeFormatName,
+  VolumeRecord,
+} from '../domain/model.js';
+
+/** Filters and paging for listVolumes. */
+export interface VolumeQuery {
+  pageSize: number;
+  /** Opaque token from a previous page, "" for the first. */
+  pageToken: string;
+  namePrefix?: string;
+  format?: VolumeFormatName;
+}
+
+/** Filters and paging for listGuests. */
+export interface GuestQuery {
+  pageSize: number;
+  pageToken: string;
+  namePrefix?: string;
+  hostId?: string;
+}
+
+/** Filters and paging for listAuditEvents. */
+export interface AuditQuery {
+  pageSize: number;
+  pageToken: string;
+  action?: string;
+  target?: string;
+  afterSeq?: number;
+}
+
+/** Result of verifying the audit hash chain. */
+export interface AuditVerification {
+  ok: boolean;
+  eventsChecked: number;
+  /** First event that does not verify (0 when ok). */
+  firstBadSeq: number;
+  /** What is wrong, e.g. "hash mismatch", "sequence gap", "prev_hash mismatch". */
+  problem: string;
+  headHash: string;
+}
+
+/** Read operations. Unknown ids return undefined, never throw. */
+export interface StoreReader {
+  getVolume(id: string): VolumeRecord | undefined;
+  getVolumeByName(name: string): VolumeRecord | undefined;
+  listVolumes(q: VolumeQuery): Page<VolumeRecord>;
+  countVolumes(): number;
+  getKeyVersions(volumeId: string): KeyVersionRecord[];
+  /** The sealed secret of the volume's active version, or undefined. */
+  getActiveKey(volumeId: string): KeyVersionRecord | undefined;
+  /** Names of guests using the volume. */
+  guestNamesOfVolume(volumeId: string): string[];
+
+  getGuest(id: string): GuestRecord | undefined;
+  getGuestByName(name: string): GuestRecord | undefined;
+  listGuests(q: GuestQuery): Page<GuestRecord>;
+  /**
+   * True when a guest that uses the volume is placed on the host. This is the key-release
+   * authorisation check: it must be one indexed query.
+   */
+  isVolumePlacedOnHost(volumeId: string, hostId: string): boolean;
+
+  getHost(id: string): HostRecord | undefined;
+  getHostByName(name: string): HostRecord | undefined;
+  listHosts(pageSize: number, pageToken: string): Page<HostRecord>;
+  countGuestsOnHost(hostId: string): number;
+
+  getEnrollmentToken(id: string): EnrollmentTokenRecord | undefined;
+  getCertificate(serial: string): CertificateRecord | undefined;
+
+  listAuditEvents(q: AuditQuery): Page<AuditRecord>;
+  verifyAuditLog(): AuditVerification;
+
+  /** Small key/value settings (schema-independent metadata), e.g. "server.id". */
+  getSetting(key: string): string | undefined;
+}
+
+/** Write operations; only valid inside `Store.write`. Constraint violations throw DomainError. */
+export interface StoreWriter extends StoreReader {
+  insertVolume(v: VolumeRecord): void;
+  /** Crypto-shred: deletes the volume, all its key versions and guest links. */
+  deleteVolume(id: string): void;
+  insertKeyVersion(k: KeyVersionRecord): void;
+  setActiveVersion(volumeId: string, version: number): void;
+
+  /** Inserts or replaces a guest and its volume links. */
+  upsertGuest(g: GuestRecord): void;
+  deleteGuest(id: string): void;
+
+  insertHost(h: HostRecord): void;
+  updateHost(h: HostRecord): void;
+  touchHost(id: string, lastSeenAt: string): void;
+
+  insertEnrollmentToken(t: EnrollmentTokenRecord): void;
+  /** Marks a token used; returns false when it was used already (single use). */
+  consumeEnrollmentToken(id: string, usedAt: string): boolean;
+
+  insertCertificate(c: CertificateRecord): void;
+  revokeCertificate(serial: string, revokedAt: string): void;
+
+  /** Appends to the hash-chained audit log in this same transaction. */
+  appendAudit(e: AuditEntryInput): AuditRecord;
+
+  setSetting(key: string, value: string): void;
+}
+
+/** The storage port. */
+export interface Store extends StoreReader {
+  /** Runs fn in a (group-committed) transaction; resolves after it is durable. */
+  write<T>(fn: (tx: StoreWriter) => T): Promise<T>;
+  /** Flushes pending writes and closes the database. */
+  close(): Promise<void>;
+}

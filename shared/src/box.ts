@@ -1,0 +1,87 @@
+/**
+ * Sealing key packets to a host's X25519 public key.
+ *
+ * The format is libsodium's crypto_box_seal exactly (ephemeral public key || box, nonce =
+ * BLAKE2b-192(epk || pk)), so a host opens packets with libsodium's crypto_box_seal_open.
+ * The server side computes the two X25519 operations with Node's native crypto (OpenSSL),
+ * which is about three times faster than libsodium's WebAssembly build; the symmetric part
+ * (HSalsa20, XSalsa20-Poly1305) uses libsodium. test/unit/box.test.ts checks both
+ * directions against libsodium itself.
+ */
+import { createPublicKey, diffieHellman, generateKeyPairSync, type KeyObject } from 'node:crypto';
+import { sodium } from './sodium.js';
+import { wipe } from './secret-bytes.js';
+
+/** DER prefix of an X25519 SubjectPublicKeyInfo; the raw 32-byte key follows it. */
+const X25519_SPKI_PREFIX = Buffer.from('302a300506032b656e032100', 'hex');
+
+/** Bytes crypto_box_seal adds to the plaintext (ephemeral key + MAC). */
+export const SEAL_OVERHEAD = 32 + 16;
+
+/** A recipient's public key, prepared once for repeated sealing. */
+export interface BoxRecipient {
+  readonly raw: Uint8Array;
+  readonly keyObject: KeyObject;
+}
+
+/** Checks and prepares a raw 32-byte X25519 public key. Throws RangeError when unusable. */
+export function boxRecipient(raw: Uint8Array): BoxRecipient {
+  if (raw.length !== 32) throw new RangeError('X25519 public key must be 32 bytes');
+  const keyObject = createPublicKey({ key: Buffer.concat([X25519_SPKI_PREFIX, raw]), format: 'der', type: 'spki' });
+  // Reject low-order points: a shared secret of all zeros would make the box predictable.
+  const probe = generateKeyPairSync('x25519');
+  let shared: Buffer;
+  try {
+    shared = diffieHellman({ privateKey: probe.privateKey, publicKey: keyObject });
+  } catch {
+    throw new RangeError('X25519 public key is of low order');
+  }
+  const zero = shared.every((b) => b === 0);
+  wipe(shared);
+  if (zero) throw new RangeError('X25519 public key is of low order');
+  return { raw: Uint8Array.from(raw), keyObject };
+}
+
+/** crypto_box_seal(message, recipient) with native X25519. */
+export function sealToRecipient(message: Uint8Array, recipient: BoxRecipient): Uint8Array {
+  const s = sodium();
+  const eph = generateKeyPairSync('x25519');
+  const epk = eph.publicKey.export({ format: 'der', type: 'spki' }).subarray(X25519_SPKI_PREFIX.length);
+  const shared = diffieHellman({ privateKey: eph.privateKey, publicKey: recipient.keyObject });
+  const nonceInput = new Uint8Array(64);
+  nonceInput.set(epk, 0);
+  nonceInput.set(recipient.raw, 32);
+  const nonce = s.crypto_generichash(24, nonceInput, null);
+  // crypto_box_beforenm: k = HSalsa20(shared, 0^16)
+  const k = s.crypto_core_hsalsa20(new Uint8Array(16), shared, null);
+  try {
+    const boxed = s.crypto_secretbox_easy(message, nonce, k);
+    const out = new Uint8Array(32 + boxed.length);
+    out.set(epk, 0);
+    out.set(boxed, 32);
+    return out;
+  } finally {
+    wipe(shared, k);
+  }
+}
+
+/** A host's X25519 key pair (libsodium format). The secret key is secret. */
+export interface BoxKeyPair {
+  publicKey: Uint8Array;
+  secretKey: Uint8Array;
+}
+
+/** Generates an X25519 key pair for a host. */
+export function generateBoxKeyPair(): BoxKeyPair {
+  const kp = sodium().crypto_box_keypair();
+  return { publicKey: kp.publicKey, secretKey: kp.privateKey };
+}
+
+/** crypto_box_seal_open; throws DecryptionError-like Error('cannot open sealed packet'). */
+export function openSealed(sealed: Uint8Array, keyPair: BoxKeyPair): Uint8Array {
+  try {
+    return sodium().crypto_box_seal_open(sealed, keyPair.publicKey, keyPair.secretKey);
+  } catch {
+    throw new Error('cannot open sealed packet');
+  }
+}
