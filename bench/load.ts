@@ -1,0 +1,197 @@
+/**
+ * Bench helpers: a closed-loop load driver (a fixed number of calls in flight, bounded by
+ * time and by count), latency statistics, and CPU accounting of this process and of a
+ * child process (from /proc), so every rate can be read next to how busy the machine was.
+ */
+import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { cpus } from 'node:os';
+import { performance } from 'node:perf_hooks';
+
+/** Latency summary in milliseconds. */
+export interface LatencyStats {
+  count: number;
+  p50: number;
+  p90: number;
+  p99: number;
+  max: number;
+  mean: number;
+}
+
+/** Result of one closed-loop run. */
+export interface LoadResult {
+  /** Calls that completed without error. */
+  calls: number;
+  errors: number;
+  /** First error message, if any. */
+  firstError: string | undefined;
+  /** Wall-clock seconds from the first call issued to the last call completed. */
+  seconds: number;
+  /** Completed calls per second. */
+  rate: number;
+  latency: LatencyStats;
+  /** CPU use during the run, in percent of one core. */
+  clientCpuPercent: number;
+  serverCpuPercent: number | undefined;
+}
+
+/** Options of runClosedLoop. */
+export interface LoadOptions {
+  /** Calls kept in flight. */
+  concurrency: number;
+  /** Stop issuing new calls after this many seconds. */
+  seconds: number;
+  /** Stop issuing new calls after this many calls in total. */
+  maxCalls: number;
+  /** Process whose CPU time is reported as the server's (a pid), if any. */
+  serverPid?: number | undefined;
+}
+
+/** Percentile by nearest rank of a sorted array. */
+function percentile(sorted: Float64Array, p: number): number {
+  if (sorted.length === 0) return Number.NaN;
+  const rank = Math.ceil((p / 100) * sorted.length);
+  return sorted[Math.min(sorted.length - 1, Math.max(0, rank - 1))] ?? Number.NaN;
+}
+
+/** Summarises latencies (milliseconds). */
+export function latencyStats(values: readonly number[]): LatencyStats {
+  const sorted = Float64Array.from(values).sort();
+  let sum = 0;
+  for (const v of sorted) sum += v;
+  return {
+    count: sorted.length,
+    p50: percentile(sorted, 50),
+    p90: percentile(sorted, 90),
+    p99: percentile(sorted, 99),
+    max: sorted.length ? (sorted[sorted.length - 1] ?? Number.NaN) : Number.NaN,
+    mean: sorted.length ? sum / sorted.length : Number.NaN,
+  };
+}
+
+let clockTicks: number | undefined;
+
+/** Clock ticks per second of /proc/PID/stat times. */
+function ticksPerSecond(): number {
+  if (clockTicks === undefined) {
+    const r = spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' });
+    const n = Number(r.stdout?.trim());
+    clockTicks = Number.isFinite(n) && n > 0 ? n : 100;
+  }
+  return clockTicks;
+}
+
+/** User+system CPU seconds a process has used so far (Linux), or undefined. */
+export function processCpuSeconds(pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // The command name may contain spaces; fields restart after the last ')'.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const utime = Number(fields[11]);
+    const stime = Number(fields[12]);
+    if (!Number.isFinite(utime) || !Number.isFinite(stime)) return undefined;
+    return (utime + stime) / ticksPerSecond();
+  } catch {
+    return undefined;
+  }
+}
+
+/** Measures CPU of this process and, optionally, of another one, between start and stop. */
+export function cpuMeter(otherPid?: number): () => { self: number; other: number | undefined } {
+  const t0 = performance.now();
+  const self0 = process.cpuUsage();
+  const other0 = otherPid === undefined ? undefined : processCpuSeconds(otherPid);
+  return () => {
+    const wall = (performance.now() - t0) / 1000;
+    const self = process.cpuUsage(self0);
+    const other1 = otherPid === undefined ? undefined : processCpuSeconds(otherPid);
+    return {
+      self: (100 * (self.user + self.system)) / 1e6 / wall,
+      other: other0 === undefined || other1 === undefined ? undefined : (100 * (other1 - other0)) / wall,
+    };
+  };
+}
+
+/**
+ * Keeps `concurrency` calls of `call` in flight until `seconds` have passed or `maxCalls`
+ * calls were issued, and measures each call's latency. `call(i)` gets the call's index.
+ * A failed call counts as an error (its latency is not recorded) and the loop goes on.
+ */
+export async function runClosedLoop(opts: LoadOptions, call: (i: number) => Promise<void>): Promise<LoadResult> {
+  const latencies: number[] = [];
+  let issued = 0;
+  let errors = 0;
+  let firstError: string | undefined;
+  const meter = cpuMeter(opts.serverPid);
+  const start = performance.now();
+  const deadline = start + opts.seconds * 1000;
+  let lastDone = start;
+  const worker = async (): Promise<void> => {
+    while (issued < opts.maxCalls && performance.now() < deadline) {
+      const i = issued++;
+      const t0 = performance.now();
+      try {
+        await call(i);
+        const t1 = performance.now();
+        latencies.push(t1 - t0);
+        lastDone = t1;
+      } catch (err) {
+        lastDone = performance.now();
+        errors++;
+        firstError ??= err instanceof Error ? err.message : String(err);
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: opts.concurrency }, worker));
+  const cpu = meter();
+  const seconds = (lastDone - start) / 1000;
+  return {
+    calls: latencies.length,
+    errors,
+    firstError,
+    seconds,
+    rate: seconds > 0 ? latencies.length / seconds : 0,
+    latency: latencyStats(latencies),
+    clientCpuPercent: cpu.self,
+    serverCpuPercent: cpu.other,
+  };
+}
+
+/** Runs `fn` over items with at most `limit` in flight; returns the results in order. */
+export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T, i: number) => Promise<R>): Promise<R[]> {
+  const out = new Array<R>(items.length);
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i] as T, i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return out;
+}
+
+/** The machine, as it is reported with every figure. */
+export interface MachineInfo {
+  nproc: number;
+  cpuModel: string;
+  node: string;
+  platform: string;
+  kernel: string;
+}
+
+/** Describes this machine. */
+export function machineInfo(): MachineInfo {
+  let cpuModel = cpus()[0]?.model ?? 'unknown';
+  try {
+    const line = readFileSync('/proc/cpuinfo', 'utf8')
+      .split('\n')
+      .find((l) => l.startsWith('model name'));
+    if (line) cpuModel = line.slice(line.indexOf(':') + 1).trim();
+  } catch {
+    // not Linux: keep os.cpus()
+  }
+  const nprocOut = spawnSync('nproc', [], { encoding: 'utf8' }).stdout?.trim();
+  const kernel = spawnSync('uname', ['-r'], { encoding: 'utf8' }).stdout?.trim() ?? '';
+  return { nproc: Number(nprocOut) || cpus().length, cpuModel, node: process.version, platform: process.platform, kernel };
+}

@@ -1,0 +1,56 @@
+/**
+ * Options of `virtkm-server run`, compiled once: defaults applied, values checked, frozen.
+ */
+import { errors } from '../../../shared/src/errors.js';
+import type { LogLevel } from '../../../shared/src/log.js';
+
+/** What the operator may set. */
+export interface ServerRunOptions {
+  dataDir: string;
+  listen?: string;
+  enrollListen?: string;
+  passphraseFile?: string;
+  logLevel?: string;
+  shutdownGraceMs?: number;
+  hostCertDays?: number;
+}
+
+/** Options with defaults applied. */
+export interface CompiledServerRunOptions {
+  readonly dataDir: string;
+  readonly listen: string;
+  /** "" disables the enrollment listener. */
+  readonly enrollListen: string;
+  readonly passphraseFile: string | undefined;
+  readonly logLevel: LogLevel;
+  readonly shutdownGraceMs: number;
+  readonly hostCertDays: number;
+}
+
+/** Default main listener (loopback: exposing it is a deliberate choice). */
+export const DEFAULT_LISTEN = '127.0.0.1:7443';
+const LEVELS: readonly LogLevel[] = ['debug', 'info', 'warn', 'error'];
+
+function checkAddress(flag: string, a: string): string {
+  if (!/^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(a) || Number(a.slice(a.lastIndexOf(':') + 1)) > 65535) {
+    throw errors.invalid(`${flag} must be HOST:PORT`);
+  }
+  return a;
+}
+
+/** Applies defaults and validates. */
+export function compileServerRunOptions(o: ServerRunOptions): CompiledServerRunOptions {
+  if (!o.dataDir) throw errors.invalid('--data-dir is required');
+  const level = (o.logLevel ?? 'info') as LogLevel;
+  if (!LEVELS.includes(level)) throw errors.invalid(`--log-level must be one of ${LEVELS.join(', ')}`);
+  const listen = checkAddress('--listen', o.listen ?? DEFAULT_LISTEN);
+  return Object.freeze({
+    dataDir: o.dataDir,
+    listen,
+    enrollListen: o.enrollListen ? checkAddress('--enroll-listen', o.enrollListen) : '',
+    passphraseFile: o.passphraseFile,
+    logLevel: level,
+    shutdownGraceMs: o.shutdownGraceMs ?? 10_000,
+    hostCertDays: o.hostCertDays ?? 365,
+  });
+}

@@ -1,0 +1,136 @@
+/**
+ * Builds and runs the gRPC listeners: the main mutual-TLS listener with every service and
+ * the health service, and the optional enrollment listener with EnrollmentService only.
+ * A small state machine (starting, running, draining, stopped) governs shutdown.
+ */
+import { Server, type ServerCredentials } from '@grpc/grpc-js';
+import { HealthImplementation } from 'grpc-health-check';
+import {
+  AuditServiceService,
+  CredentialServiceService,
+  EnrollmentServiceService,
+  GuestServiceService,
+  HostServiceService,
+  KeyServiceService,
+  VolumeServiceService,
+} from '../../../shared/src/api.js';
+import type { Logger } from '../../../shared/src/log.js';
+import type { Clock } from '../domain/clock.js';
+import type { CertificateIssuer } from '../pki/issuer.js';
+import { createAuditService } from '../rpc/audit-service.js';
+import { createCredentialService } from '../rpc/credential-service.js';
+import { createEnrollmentService } from '../rpc/enrollment-service.js';
+import { createGuestService } from '../rpc/guest-service.js';
+import { createHostService } from '../rpc/host-service.js';
+import { createKeyService } from '../rpc/key-service.js';
+import { createVolumeService } from '../rpc/volume-service.js';
+import type { Store } from '../store/ports.js';
+import type { KeyVault } from '../vault/key-vault.js';
+
+/** Largest request accepted on the main listener (a 256 KiB domain XML fits easily). */
+export const MAX_REQUEST_BYTES = 1024 * 1024;
+/** Largest response sent (a page of 1000 guests with large XML would not fit: pages shrink). */
+export const MAX_RESPONSE_BYTES = 64 * 1024 * 1024;
+/** Largest request on the enrollment listener. */
+export const MAX_ENROLL_REQUEST_BYTES = 16 * 1024;
+
+/** Life-cycle state of the server. */
+export type ServerState = 'starting' | 'running' | 'draining' | 'stopped';
+
+/** What the gRPC server needs. */
+export interface GrpcServerDeps {
+  store: Store;
+  vault: KeyVault;
+  issuer: CertificateIssuer;
+  clock: Clock;
+  logger: Logger;
+  credentials: ServerCredentials;
+  enrollCredentials: ServerCredentials;
+  listen: string;
+  /** Enrollment listener address, or "" for none. */
+  enrollListen: string;
+  hostCertDays: number;
+}
+
+/** A running server. */
+export interface RunningServer {
+  /** The bound addresses (ports resolved when 0 was asked). */
+  readonly address: string;
+  readonly enrollAddress: string;
+  state(): ServerState;
+  /** Stops accepting calls, lets running ones finish (up to graceMs), then closes. */
+  shutdown(graceMs: number): Promise<void>;
+}
+
+function bind(server: Server, address: string, creds: ServerCredentials): Promise<string> {
+  return new Promise((resolve, reject) => {
+    server.bindAsync(address, creds, (err, port) => {
+      if (err) reject(err);
+      else resolve(address.replace(/:\d+$/, `:${port}`));
+    });
+  });
+}
+
+function shutdownServer(server: Server, graceMs: number): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => {
+      server.forceShutdown();
+      resolve();
+    }, graceMs);
+    server.tryShutdown(() => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+}
+
+/** Starts the listeners. */
+export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServer> {
+  let state: ServerState = 'starting';
+  const opts = {
+    'grpc.max_receive_message_length': MAX_REQUEST_BYTES,
+    'grpc.max_send_message_length': MAX_RESPONSE_BYTES,
+    'grpc.max_concurrent_streams': 256,
+    'grpc.keepalive_time_ms': 60_000,
+    'grpc.keepalive_permit_without_calls': 1,
+  };
+  const main = new Server(opts);
+  const enrollAddressPlaceholder = { value: '' };
+  const ctx = { store: deps.store, logger: deps.logger.child('rpc') };
+  main.addService(VolumeServiceService, createVolumeService({ ...ctx, vault: deps.vault, clock: deps.clock }));
+  main.addService(GuestServiceService, createGuestService({ ...ctx, clock: deps.clock }));
+  const hostDeps = { ...ctx, clock: deps.clock, issuer: deps.issuer, enrollAddress: '' };
+  main.addService(HostServiceService, createHostService(hostDeps));
+  main.addService(CredentialServiceService, createCredentialService({ ...ctx, clock: deps.clock, issuer: deps.issuer }));
+  main.addService(KeyServiceService, createKeyService({ ...ctx, vault: deps.vault, clock: deps.clock }));
+  main.addService(AuditServiceService, createAuditService(ctx));
+  const health = new HealthImplementation({ '': 'NOT_SERVING', 'virtkm.v1.KeyService': 'NOT_SERVING' });
+  health.addToServer(main);
+
+  const address = await bind(main, deps.listen, deps.credentials);
+  let enrollServer: Server | undefined;
+  if (deps.enrollListen) {
+    enrollServer = new Server({ ...opts, 'grpc.max_receive_message_length': MAX_ENROLL_REQUEST_BYTES });
+    enrollServer.addService(EnrollmentServiceService, createEnrollmentService({ ...ctx, clock: deps.clock, issuer: deps.issuer, hostCertDays: deps.hostCertDays }));
+    enrollAddressPlaceholder.value = await bind(enrollServer, deps.enrollListen, deps.enrollCredentials);
+    hostDeps.enrollAddress = enrollAddressPlaceholder.value;
+  }
+  health.setStatus('', 'SERVING');
+  health.setStatus('virtkm.v1.KeyService', 'SERVING');
+  state = 'running';
+  deps.logger.info('listening', { address, enroll_address: enrollAddressPlaceholder.value || undefined });
+
+  return {
+    address,
+    enrollAddress: enrollAddressPlaceholder.value,
+    state: () => state,
+    async shutdown(graceMs) {
+      if (state === 'draining' || state === 'stopped') return;
+      state = 'draining';
+      health.setStatus('', 'NOT_SERVING');
+      health.setStatus('virtkm.v1.KeyService', 'NOT_SERVING');
+      await Promise.all([shutdownServer(main, graceMs), enrollServer ? shutdownServer(enrollServer, graceMs) : Promise.resolve()]);
+      state = 'stopped';
+    },
+  };
+}

@@ -1,0 +1,76 @@
+/**
+ * Composition root of `virtkm-server run`: unseal, open, wire, serve, shut down on signals.
+ */
+import { readFileSync } from 'node:fs';
+import { loadSodium } from '../../../shared/src/sodium.js';
+import { createLogger, describeError } from '../../../shared/src/log.js';
+import { hardenProcess } from '../../../shared/src/process-hygiene.js';
+import { wipe } from '../../../shared/src/secret-bytes.js';
+import { systemClock } from '../domain/clock.js';
+import { createCaIssuer } from '../pki/ca-issuer.js';
+import { openSqliteStore } from '../store/sqlite-store.js';
+import { createKeyVault } from '../vault/key-vault.js';
+import { compileServerRunOptions, type ServerRunOptions } from './config.js';
+import { dataDirPaths, SERVER_SECRET_LABELS } from './data-dir.js';
+import { startGrpcServer } from './grpc-server.js';
+import { unsealMasterKey } from './master-key-access.js';
+import { mutualTlsCredentials, serverOnlyTlsCredentials } from './tls.js';
+import { errors } from '../../../shared/src/errors.js';
+import { existsSync } from 'node:fs';
+
+/** Runs the server until SIGTERM/SIGINT. */
+export async function runCommand(raw: ServerRunOptions): Promise<void> {
+  const opts = compileServerRunOptions(raw);
+  const logger = createLogger({ component: 'virtkm-server', level: opts.logLevel });
+  const hygiene = hardenProcess(logger);
+  logger.info('starting', { data_dir: opts.dataDir, dumpable: hygiene.dumpable, memory_locked: hygiene.memoryLocked });
+  await loadSodium();
+  const paths = dataDirPaths(opts.dataDir);
+  if (!existsSync(paths.masterKey)) throw errors.precondition(`${opts.dataDir} is not an initialised data directory`, { hint: 'run `virtkm-server init --data-dir DIR` first' });
+
+  const masterKey = await unsealMasterKey(paths, opts.passphraseFile);
+  const vault = createKeyVault(masterKey);
+  const store = openSqliteStore({ path: paths.db, logger: logger.child('store') });
+  const caKeyPem = vault.openServerSecret(SERVER_SECRET_LABELS.caKey, readFileSync(paths.caKeySealed));
+  const serverKeyPem = vault.openServerSecret(SERVER_SECRET_LABELS.serverKey, readFileSync(paths.serverKeySealed));
+  const caCertPem = readFileSync(paths.caCert, 'utf8');
+  const serverCertPem = readFileSync(paths.serverCert, 'utf8');
+  // PEM strings cannot be wiped; the CA key lives as long as the process anyway.
+  const issuer = createCaIssuer({ certPem: caCertPem, keyPem: Buffer.from(caKeyPem).toString('utf8') });
+  wipe(caKeyPem);
+  const serverKey = Buffer.from(serverKeyPem);
+  wipe(serverKeyPem);
+
+  const server = await startGrpcServer({
+    store,
+    vault,
+    issuer,
+    clock: systemClock,
+    logger,
+    // The chain includes the CA so enrolling agents can match it against their pin.
+    credentials: mutualTlsCredentials(caCertPem, serverCertPem + caCertPem, serverKey),
+    enrollCredentials: serverOnlyTlsCredentials(caCertPem, serverCertPem + caCertPem, serverKey),
+    listen: opts.listen,
+    enrollListen: opts.enrollListen,
+    hostCertDays: opts.hostCertDays,
+  });
+  // One machine-readable line on stdout for supervisors and tests.
+  process.stdout.write(JSON.stringify({ event: 'ready', listen: server.address, enroll: server.enrollAddress || null, pid: process.pid }) + '\n');
+
+  await new Promise<void>((resolve) => {
+    const stop = (signal: string) => {
+      logger.info('shutting down', { signal });
+      server
+        .shutdown(opts.shutdownGraceMs)
+        .then(() => store.close())
+        .catch((err: unknown) => logger.error('shutdown failed', describeError(err)))
+        .finally(() => {
+          vault.close();
+          logger.info('stopped');
+          resolve();
+        });
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+}

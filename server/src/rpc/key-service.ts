@@ -1,0 +1,80 @@
+/**
+ * KeyService: releases volume secrets to hosts, as key packets sealed to the host's own
+ * X25519 key. A host obtains a volume's secret only while a guest that uses the volume is
+ * placed on it. Every release and every refusal is audited, and the reply is sent only
+ * once those audit entries are durable.
+ */
+import type { KeyServiceServer, SealedKeyPacket } from '../../../shared/src/api.js';
+import { boxRecipient, type BoxRecipient } from '../../../shared/src/box.js';
+import { errors } from '../../../shared/src/errors.js';
+import type { Clock } from '../domain/clock.js';
+import type { HostRecord } from '../domain/model.js';
+import { isId } from '../domain/volume-spec.js';
+import type { KeyVault } from '../vault/key-vault.js';
+import { actorOf } from './auth.js';
+import { unary, type RpcContext } from './handler.js';
+
+/** Dependencies of the key service. */
+export interface KeyServiceDeps extends RpcContext {
+  vault: KeyVault;
+  clock: Clock;
+}
+
+/** Most volumes one ReleaseKeys call may ask for. */
+export const MAX_RELEASE_BATCH = 1000;
+/** last_seen is written at most this often per host. */
+const TOUCH_INTERVAL_MS = 1000;
+
+/** Creates the grpc-js implementation of KeyService. */
+export function createKeyService(deps: KeyServiceDeps): KeyServiceServer {
+  const { store, vault, clock } = deps;
+  // Parsed X25519 keys per host, so the hot path does not re-import them.
+  const recipients = new Map<string, { raw: Buffer; recipient: BoxRecipient }>();
+  const lastTouch = new Map<string, number>();
+  const recipientOf = (host: HostRecord): BoxRecipient => {
+    const cached = recipients.get(host.id);
+    if (cached && cached.raw.equals(host.boxPublicKey)) return cached.recipient;
+    const recipient = boxRecipient(host.boxPublicKey);
+    recipients.set(host.id, { raw: Buffer.from(host.boxPublicKey), recipient });
+    return recipient;
+  };
+
+  return {
+    releaseKeys: unary(deps, 'ReleaseKeys', ['host'], async (req, p) => {
+      const ids = [...new Set(req.volumeIds)];
+      if (ids.length === 0) throw errors.invalid('no volume ids given');
+      if (ids.length > MAX_RELEASE_BATCH) throw errors.tooLarge(`at most ${MAX_RELEASE_BATCH} volumes per request`);
+      for (const id of ids) if (!isId(id)) throw errors.invalid('volume ids must be ids, not names');
+      const hostId = p.hostId;
+      const host = hostId === undefined ? undefined : store.getHost(hostId);
+      if (!host) throw errors.unauthenticated('host is not enrolled');
+      // Authorise every volume before releasing any. An unknown volume and a volume placed
+      // elsewhere get the same answer, so a host cannot probe which volumes exist.
+      const refused = ids.filter((id) => !store.isVolumePlacedOnHost(id, host.id));
+      if (refused.length > 0) {
+        await store.write((tx) => {
+          for (const id of refused) tx.appendAudit({ actor: actorOf(p), action: 'key.refuse', target: id, outcome: 'denied', detail: { reason: 'not placed on host' } });
+        });
+        throw errors.denied(`${refused.length} of the requested volumes are not placed on this host`);
+      }
+      const now = clock.now();
+      const issuedAt = now.toISOString();
+      const recipient = { hostId: host.id, recipient: recipientOf(host) };
+      const released: { id: string; version: number }[] = [];
+      const packets: SealedKeyPacket[] = ids.map((id) => {
+        const volume = store.getVolume(id);
+        const key = store.getActiveKey(id);
+        if (!volume || !key) throw errors.denied('1 of the requested volumes are not placed on this host');
+        released.push({ id, version: key.version });
+        return vault.packetForHost(volume, key, recipient, issuedAt);
+      });
+      const touch = now.getTime() - (lastTouch.get(host.id) ?? 0) >= TOUCH_INTERVAL_MS;
+      await store.write((tx) => {
+        for (const r of released) tx.appendAudit({ actor: actorOf(p), action: 'key.release', target: r.id, outcome: 'ok', detail: { key_version: r.version } });
+        if (touch) tx.touchHost(host.id, issuedAt);
+      });
+      if (touch) lastTouch.set(host.id, now.getTime());
+      return { packets };
+    }),
+  };
+}

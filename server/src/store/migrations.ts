@@ -1,0 +1,156 @@
+/**
+ * Versioned schema of the SQLite store. Migrations are append-only: never edit or reorder
+ * one that has shipped, add a new entry with the next version instead. The store applies
+ * every pending migration inside one transaction when it opens the database and records
+ * each in `schema_migrations`; it refuses a database whose version is newer than the
+ * newest entry here (an older server must not write a schema it does not understand).
+ */
+
+/** One schema migration. */
+export interface Migration {
+  /** Strictly increasing, starting at 1, without gaps. */
+  version: number;
+  /** Short identifier, stored with the version to detect a mismatched history. */
+  name: string;
+  /** DDL run with `exec` (may hold several statements). */
+  sql: string;
+}
+
+/**
+ * Table of applied migrations. Created outside the numbered list because the list's
+ * bookkeeping lives in it.
+ */
+export const SCHEMA_MIGRATIONS_DDL = `
+CREATE TABLE IF NOT EXISTS schema_migrations (
+  version    INTEGER PRIMARY KEY,
+  name       TEXT NOT NULL,
+  applied_at TEXT NOT NULL
+) STRICT;
+`;
+
+/**
+ * All migrations, oldest first.
+ *
+ * Notes on the initial schema:
+ * - STRICT tables, so a wrongly typed bind fails loudly instead of being coerced.
+ * - volumes.size_bytes is a 64-bit INTEGER read with safeIntegers (bigint), so values up
+ *   to 2^63-1 round-trip exactly.
+ * - guest_volumes(volume_id, guest_id) plus the guests primary key make the key-release
+ *   check `isVolumePlacedOnHost` one index search followed by primary-key lookups.
+ * - key_versions.sealed holds the sealed envelope only; deleting a row relies on
+ *   `PRAGMA secure_delete` to overwrite the bytes (crypto-shredding).
+ */
+export const MIGRATIONS: readonly Migration[] = Object.freeze([
+  {
+    version: 1,
+    name: 'initial',
+    sql: `
+CREATE TABLE volumes (
+  id             TEXT PRIMARY KEY,
+  name           TEXT NOT NULL UNIQUE,
+  size_bytes     INTEGER NOT NULL CHECK (size_bytes >= 0),
+  format         TEXT NOT NULL CHECK (format IN ('luks', 'qcow2-luks', 'luks2', 'plain')),
+  cipher         TEXT NOT NULL,
+  key_size_bits  INTEGER NOT NULL,
+  sector_size    INTEGER NOT NULL,
+  active_version INTEGER NOT NULL CHECK (active_version >= 0),
+  created_at     TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE key_versions (
+  volume_id  TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+  version    INTEGER NOT NULL CHECK (version >= 1),
+  state      TEXT NOT NULL CHECK (state IN ('pending', 'active', 'retired', 'destroyed')),
+  sealed     BLOB,
+  created_at TEXT NOT NULL,
+  PRIMARY KEY (volume_id, version)
+) STRICT;
+
+CREATE TABLE hosts (
+  id             TEXT PRIMARY KEY,
+  name           TEXT NOT NULL UNIQUE,
+  state          TEXT NOT NULL CHECK (state IN ('enrolled', 'revoked')),
+  box_public_key BLOB NOT NULL,
+  cert_serial    TEXT NOT NULL,
+  enrolled_at    TEXT NOT NULL,
+  revoked_at     TEXT,
+  last_seen_at   TEXT
+) STRICT;
+
+CREATE TABLE guests (
+  id         TEXT PRIMARY KEY,
+  name       TEXT NOT NULL UNIQUE,
+  domain_xml TEXT NOT NULL,
+  host_id    TEXT REFERENCES hosts(id),
+  autostart  INTEGER NOT NULL CHECK (autostart IN (0, 1)),
+  created_at TEXT NOT NULL,
+  updated_at TEXT NOT NULL,
+  generation INTEGER NOT NULL
+) STRICT;
+CREATE INDEX guests_by_host ON guests(host_id, name);
+
+CREATE TABLE guest_volumes (
+  guest_id  TEXT NOT NULL REFERENCES guests(id) ON DELETE CASCADE,
+  volume_id TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+  position  INTEGER NOT NULL,
+  PRIMARY KEY (guest_id, position),
+  UNIQUE (guest_id, volume_id)
+) STRICT;
+CREATE INDEX guest_volumes_by_volume ON guest_volumes(volume_id, guest_id);
+
+CREATE TABLE enrollment_tokens (
+  id          TEXT PRIMARY KEY,
+  host_name   TEXT NOT NULL,
+  secret_hash BLOB NOT NULL,
+  created_at  TEXT NOT NULL,
+  expires_at  TEXT NOT NULL,
+  used_at     TEXT,
+  created_by  TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE certificates (
+  serial     TEXT PRIMARY KEY,
+  role       TEXT NOT NULL CHECK (role IN ('admin', 'frontend', 'host')),
+  name       TEXT NOT NULL,
+  issued_at  TEXT NOT NULL,
+  expires_at TEXT NOT NULL,
+  revoked_at TEXT
+) STRICT;
+
+CREATE TABLE audit_log (
+  seq         INTEGER PRIMARY KEY,
+  time        TEXT NOT NULL,
+  actor       TEXT NOT NULL,
+  action      TEXT NOT NULL,
+  target      TEXT NOT NULL,
+  outcome     TEXT NOT NULL,
+  detail_json TEXT NOT NULL,
+  prev_hash   TEXT NOT NULL,
+  hash        TEXT NOT NULL
+) STRICT;
+CREATE INDEX audit_by_action ON audit_log(action, seq);
+CREATE INDEX audit_by_target ON audit_log(target, seq);
+
+CREATE TABLE settings (
+  key   TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+) STRICT;
+`,
+  },
+]);
+
+/** The schema version this code writes: the newest migration's version. */
+export const LATEST_SCHEMA_VERSION: number = MIGRATIONS.reduce((max, m) => Math.max(max, m.version), 0);
+
+/**
+ * Checks that a migration list is ordered 1, 2, 3, ... with unique names. Called by the
+ * store at open so a badly edited list fails before it touches a database.
+ */
+export function assertMigrationsWellFormed(list: readonly Migration[]): void {
+  const names = new Set<string>();
+  list.forEach((m, i) => {
+    if (m.version !== i + 1) throw new Error(`migration list out of order at index ${i}`);
+    if (names.has(m.name)) throw new Error(`duplicate migration name ${m.name}`);
+    names.add(m.name);
+  });
+}

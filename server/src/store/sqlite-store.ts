@@ -1,0 +1,1189 @@
+/**
+ * SQLite adapter of the Store port (better-sqlite3, synchronous API).
+ *
+ * Durability and confidentiality settings: WAL journal with synchronous=FULL (a write
+ * resolves only once fsynced), foreign keys on, secure_delete on (deleted sealed secrets
+ * are overwritten with zeros in the file: crypto-shredding), temporary data kept in
+ * memory, the database file created with mode 0600.
+ *
+ * Writes use group commit: units queued during one event-loop turn run on the next turn
+ * inside ONE `BEGIN IMMEDIATE ... COMMIT`, each in its own SAVEPOINT so that a failing
+ * unit is rolled back alone. One fsync is shared by the whole batch, which is what makes
+ * thousands of audited key releases per second possible.
+ *
+ * The store owns its database file: one process, one connection. Reads are served from
+ * the same connection; they never observe a half-run batch because batches run
+ * synchronously within one turn of the event loop.
+ */
+import fs from 'node:fs';
+
+import Database from 'better-sqlite3';
+
+import { DomainError, errors } from '../../../shared/src/errors.js';
+import { describeError, silentLogger } from '../../../shared/src/log.js';
+import type { Logger } from '../../../shared/src/log.js';
+import { GENESIS_HASH, auditHash, canonicalJson, verifyChain } from '../audit/chain.js';
+import type {
+  AuditEntryInput,
+  AuditRecord,
+  CertificateRecord,
+  EnrollmentTokenRecord,
+  GuestRecord,
+  HostRecord,
+  KeyVersionRecord,
+  Page,
+  VolumeRecord,
+} from '../domain/model.js';
+import { LATEST_SCHEMA_VERSION, MIGRATIONS, SCHEMA_MIGRATIONS_DDL, assertMigrationsWellFormed } from './migrations.js';
+import type { AuditQuery, AuditVerification, GuestQuery, Store, StoreWriter, VolumeQuery } from './ports.js';
+
+/** Test seams. Never set in production code. */
+export interface SqliteStoreTestHooks {
+  /** Called inside the batch transaction just before COMMIT; throwing simulates a failed COMMIT. */
+  beforeCommit?: () => void;
+}
+
+/** Options of openSqliteStore. */
+export interface SqliteStoreOptions {
+  /** Database file (created 0600 if missing), or ":memory:" for a throw-away store in tests. */
+  path: string;
+  /** Default: a silent logger. */
+  logger?: Logger;
+  /** Most units per transaction (default 256). */
+  maxBatch?: number;
+  /** Clock for audit timestamps (default: system clock). */
+  now?: () => Date;
+  /** Testing only. */
+  hooks?: SqliteStoreTestHooks;
+}
+
+/** Counters of the write path, for tests and metrics. */
+export interface SqliteStoreStats {
+  /** Transactions committed. */
+  commits: number;
+  /** Units that ran (committed or rolled back). */
+  units: number;
+  /** Units rolled back alone because they threw. */
+  failedUnits: number;
+  /** Batches whose transaction failed as a whole (all their units rejected). */
+  failedBatches: number;
+}
+
+/**
+ * The SQLite store. Units given to `write` MUST be synchronous functions: the transaction
+ * is open only while the unit runs, so a unit that returns a Promise is rolled back and
+ * rejected with a TypeError, and the writer refuses use after the unit returned.
+ */
+export interface SqliteStore extends Store {
+  /** Snapshot of the write counters. */
+  stats(): SqliteStoreStats;
+  /** Schema version of the open database. */
+  readonly schemaVersion: number;
+}
+
+const DEFAULT_MAX_BATCH = 256;
+const BUSY_TIMEOUT_MS = 5000;
+const MAX_PAGE_SIZE = 1000;
+const MAX_INT64 = 2n ** 63n - 1n;
+/**
+ * Upper bound of a name range with no prefix. In SQLite every BLOB sorts after every TEXT
+ * and TEXT affinity does not convert BLOBs, so `name < X''` holds for all names while
+ * staying an index range bound (one prepared statement serves both cases).
+ */
+const NO_UPPER_BOUND = Buffer.alloc(0);
+
+// ---------------------------------------------------------------------------------------
+// Row shapes (snake_case as in the schema)
+
+interface VolumeRow {
+  id: string;
+  name: string;
+  size_bytes: bigint;
+  format: string;
+  cipher: string;
+  key_size_bits: bigint;
+  sector_size: bigint;
+  active_version: bigint;
+  created_at: string;
+}
+
+interface KeyVersionRow {
+  volume_id: string;
+  version: number;
+  state: string;
+  sealed: Buffer | null;
+  created_at: string;
+}
+
+interface GuestRow {
+  id: string;
+  name: string;
+  domain_xml: string;
+  host_id: string | null;
+  autostart: number;
+  created_at: string;
+  updated_at: string;
+  generation: number;
+}
+
+interface HostRow {
+  id: string;
+  name: string;
+  state: string;
+  box_public_key: Buffer;
+  cert_serial: string;
+  enrolled_at: string;
+  revoked_at: string | null;
+  last_seen_at: string | null;
+}
+
+interface TokenRow {
+  id: string;
+  host_name: string;
+  secret_hash: Buffer;
+  created_at: string;
+  expires_at: string;
+  used_at: string | null;
+  created_by: string;
+}
+
+interface CertificateRow {
+  serial: string;
+  role: string;
+  name: string;
+  issued_at: string;
+  expires_at: string;
+  revoked_at: string | null;
+}
+
+interface AuditRow {
+  seq: number;
+  time: string;
+  actor: string;
+  action: string;
+  target: string;
+  outcome: string;
+  detail_json: string;
+  prev_hash: string;
+  hash: string;
+}
+
+type NameUpperBound = string | Buffer;
+
+const VOLUME_COLS = 'id, name, size_bytes, format, cipher, key_size_bits, sector_size, active_version, created_at';
+const KEY_COLS = 'volume_id, version, state, sealed, created_at';
+const GUEST_COLS = 'id, name, domain_xml, host_id, autostart, created_at, updated_at, generation';
+const HOST_COLS = 'id, name, state, box_public_key, cert_serial, enrolled_at, revoked_at, last_seen_at';
+const TOKEN_COLS = 'id, host_name, secret_hash, created_at, expires_at, used_at, created_by';
+const CERT_COLS = 'serial, role, name, issued_at, expires_at, revoked_at';
+const AUDIT_COLS = 'seq, time, actor, action, target, outcome, detail_json, prev_hash, hash';
+
+/** Every statement, prepared once at open (preparing costs more than running a hot query). */
+function prepareStatements(db: Database.Database) {
+  return {
+    // Transaction control.
+    begin: db.prepare('BEGIN IMMEDIATE'),
+    commit: db.prepare('COMMIT'),
+    rollback: db.prepare('ROLLBACK'),
+    savepoint: db.prepare('SAVEPOINT unit'),
+    rollbackToSavepoint: db.prepare('ROLLBACK TO unit'),
+    releaseSavepoint: db.prepare('RELEASE unit'),
+
+    // Volumes. safeIntegers: size_bytes may exceed 2^53.
+    getVolume: db.prepare<[string], VolumeRow>(`SELECT ${VOLUME_COLS} FROM volumes WHERE id = ?`).safeIntegers(true),
+    getVolumeByName: db.prepare<[string], VolumeRow>(`SELECT ${VOLUME_COLS} FROM volumes WHERE name = ?`).safeIntegers(true),
+    listVolumes: db
+      .prepare<[string, NameUpperBound, number], VolumeRow>(
+        `SELECT ${VOLUME_COLS} FROM volumes WHERE name >= ? AND name < ? ORDER BY name LIMIT ?`,
+      )
+      .safeIntegers(true),
+    listVolumesByFormat: db
+      .prepare<[string, NameUpperBound, string, number], VolumeRow>(
+        `SELECT ${VOLUME_COLS} FROM volumes WHERE name >= ? AND name < ? AND format = ? ORDER BY name LIMIT ?`,
+      )
+      .safeIntegers(true),
+    countVolumes: db.prepare<[], number>('SELECT count(*) FROM volumes').pluck(),
+    volumeExists: db.prepare<[string], number>('SELECT 1 FROM volumes WHERE id = ?').pluck(),
+    insertVolume: db.prepare<[string, string, bigint, string, string, number, number, number, string]>(
+      `INSERT INTO volumes (${VOLUME_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+    ),
+    deleteVolume: db.prepare<[string]>('DELETE FROM volumes WHERE id = ?'),
+    deleteVolumeLinks: db.prepare<[string]>('DELETE FROM guest_volumes WHERE volume_id = ?'),
+    deleteVolumeKeys: db.prepare<[string]>('DELETE FROM key_versions WHERE volume_id = ?'),
+    setVolumeActiveVersion: db.prepare<[number, string]>('UPDATE volumes SET active_version = ? WHERE id = ?'),
+    guestNamesOfVolume: db
+      .prepare<[string], string>(
+        'SELECT g.name FROM guest_volumes gv JOIN guests g ON g.id = gv.guest_id WHERE gv.volume_id = ? ORDER BY g.name',
+      )
+      .pluck(),
+
+    // Key versions.
+    getKeyVersions: db.prepare<[string], KeyVersionRow>(`SELECT ${KEY_COLS} FROM key_versions WHERE volume_id = ? ORDER BY version`),
+    // Hot path of key release: one primary-key lookup on each table.
+    getActiveKey: db.prepare<[string], KeyVersionRow>(
+      `SELECT k.volume_id, k.version, k.state, k.sealed, k.created_at
+         FROM volumes v JOIN key_versions k ON k.volume_id = v.id AND k.version = v.active_version
+        WHERE v.id = ? AND k.sealed IS NOT NULL AND k.state <> 'destroyed'`,
+    ),
+    getKeyVersion: db.prepare<[string, number], KeyVersionRow>(`SELECT ${KEY_COLS} FROM key_versions WHERE volume_id = ? AND version = ?`),
+    insertKeyVersion: db.prepare<[string, number, string, Buffer | null, string]>(
+      `INSERT INTO key_versions (${KEY_COLS}) VALUES (?, ?, ?, ?, ?)`,
+    ),
+    retireOtherActive: db.prepare<[string, number]>(
+      "UPDATE key_versions SET state = 'retired' WHERE volume_id = ? AND state = 'active' AND version <> ?",
+    ),
+    activateKeyVersion: db.prepare<[string, number]>("UPDATE key_versions SET state = 'active' WHERE volume_id = ? AND version = ?"),
+
+    // Guests.
+    getGuest: db.prepare<[string], GuestRow>(`SELECT ${GUEST_COLS} FROM guests WHERE id = ?`),
+    getGuestByName: db.prepare<[string], GuestRow>(`SELECT ${GUEST_COLS} FROM guests WHERE name = ?`),
+    guestVolumeIds: db.prepare<[string], string>('SELECT volume_id FROM guest_volumes WHERE guest_id = ? ORDER BY position').pluck(),
+    listGuests: db.prepare<[string, NameUpperBound, number], GuestRow>(
+      `SELECT ${GUEST_COLS} FROM guests WHERE name >= ? AND name < ? ORDER BY name LIMIT ?`,
+    ),
+    listGuestsOnHost: db.prepare<[string, string, NameUpperBound, number], GuestRow>(
+      `SELECT ${GUEST_COLS} FROM guests WHERE host_id = ? AND name >= ? AND name < ? ORDER BY name LIMIT ?`,
+    ),
+    // The key-release authorisation check: an index search on guest_volumes(volume_id),
+    // then a primary-key lookup per linked guest (a volume has very few guests).
+    isVolumePlacedOnHost: db
+      .prepare<[string, string], number>(
+        `SELECT EXISTS (SELECT 1 FROM guest_volumes gv JOIN guests g ON g.id = gv.guest_id
+                         WHERE gv.volume_id = ? AND g.host_id = ?)`,
+      )
+      .pluck(),
+    countGuestsOnHost: db.prepare<[string], number>('SELECT count(*) FROM guests WHERE host_id = ?').pluck(),
+    upsertGuest: db.prepare<[string, string, string, string | null, number, string, string, number]>(
+      `INSERT INTO guests (${GUEST_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+       ON CONFLICT (id) DO UPDATE SET
+         name = excluded.name, domain_xml = excluded.domain_xml, host_id = excluded.host_id,
+         autostart = excluded.autostart, created_at = excluded.created_at,
+         updated_at = excluded.updated_at, generation = excluded.generation`,
+    ),
+    deleteGuestLinks: db.prepare<[string]>('DELETE FROM guest_volumes WHERE guest_id = ?'),
+    insertGuestLink: db.prepare<[string, string, number]>('INSERT INTO guest_volumes (guest_id, volume_id, position) VALUES (?, ?, ?)'),
+    deleteGuest: db.prepare<[string]>('DELETE FROM guests WHERE id = ?'),
+
+    // Hosts.
+    getHost: db.prepare<[string], HostRow>(`SELECT ${HOST_COLS} FROM hosts WHERE id = ?`),
+    getHostByName: db.prepare<[string], HostRow>(`SELECT ${HOST_COLS} FROM hosts WHERE name = ?`),
+    listHosts: db.prepare<[string, NameUpperBound, number], HostRow>(
+      `SELECT ${HOST_COLS} FROM hosts WHERE name >= ? AND name < ? ORDER BY name LIMIT ?`,
+    ),
+    insertHost: db.prepare<[string, string, string, Buffer, string, string, string | null, string | null]>(
+      `INSERT INTO hosts (${HOST_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+    ),
+    updateHost: db.prepare<[string, string, Buffer, string, string, string | null, string | null, string]>(
+      `UPDATE hosts SET name = ?, state = ?, box_public_key = ?, cert_serial = ?, enrolled_at = ?,
+                        revoked_at = ?, last_seen_at = ?
+        WHERE id = ?`,
+    ),
+    touchHost: db.prepare<[string, string]>('UPDATE hosts SET last_seen_at = ? WHERE id = ?'),
+
+    // Enrollment tokens.
+    getToken: db.prepare<[string], TokenRow>(`SELECT ${TOKEN_COLS} FROM enrollment_tokens WHERE id = ?`),
+    insertToken: db.prepare<[string, string, Buffer, string, string, string | null, string]>(
+      `INSERT INTO enrollment_tokens (${TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)`,
+    ),
+    // Single use: only the first UPDATE finds used_at NULL.
+    consumeToken: db.prepare<[string, string]>('UPDATE enrollment_tokens SET used_at = ? WHERE id = ? AND used_at IS NULL'),
+    tokenExists: db.prepare<[string], number>('SELECT 1 FROM enrollment_tokens WHERE id = ?').pluck(),
+
+    // Certificates.
+    getCertificate: db.prepare<[string], CertificateRow>(`SELECT ${CERT_COLS} FROM certificates WHERE serial = ?`),
+    insertCertificate: db.prepare<[string, string, string, string, string, string | null]>(
+      `INSERT INTO certificates (${CERT_COLS}) VALUES (?, ?, ?, ?, ?, ?)`,
+    ),
+    // The first revocation time wins; revoking again is a no-op.
+    revokeCertificate: db.prepare<[string, string]>('UPDATE certificates SET revoked_at = COALESCE(revoked_at, ?) WHERE serial = ?'),
+
+    // Audit log.
+    auditHead: db.prepare<[], { seq: number; hash: string }>('SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1'),
+    auditAll: db.prepare<[], AuditRow>(`SELECT ${AUDIT_COLS} FROM audit_log ORDER BY seq`),
+    listAudit: db.prepare<[number, number], AuditRow>(`SELECT ${AUDIT_COLS} FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?`),
+    listAuditByAction: db.prepare<[number, string, number], AuditRow>(
+      `SELECT ${AUDIT_COLS} FROM audit_log WHERE seq > ? AND action = ? ORDER BY seq LIMIT ?`,
+    ),
+    listAuditByTarget: db.prepare<[number, string, number], AuditRow>(
+      `SELECT ${AUDIT_COLS} FROM audit_log WHERE seq > ? AND target = ? ORDER BY seq LIMIT ?`,
+    ),
+    listAuditByActionTarget: db.prepare<[number, string, string, number], AuditRow>(
+      `SELECT ${AUDIT_COLS} FROM audit_log WHERE seq > ? AND action = ? AND target = ? ORDER BY seq LIMIT ?`,
+    ),
+    insertAudit: db.prepare<[number, string, string, string, string, string, string, string, string]>(
+      `INSERT INTO audit_log (${AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+    ),
+
+    // Settings.
+    getSetting: db.prepare<[string], string>('SELECT value FROM settings WHERE key = ?').pluck(),
+    setSetting: db.prepare<[string, string]>(
+      'INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value',
+    ),
+  };
+}
+
+type Statements = ReturnType<typeof prepareStatements>;
+
+// ---------------------------------------------------------------------------------------
+// Row mapping
+
+/** A no-copy Uint8Array view of a Buffer (records expose plain Uint8Array). */
+function bytes(b: Buffer): Uint8Array {
+  return new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
+}
+
+/** A no-copy Buffer view of a Uint8Array, for binding as BLOB. */
+function blob(u: Uint8Array): Buffer {
+  return Buffer.isBuffer(u) ? u : Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+}
+
+function toVolume(r: VolumeRow): VolumeRecord {
+  // The statement runs with safeIntegers, so every INTEGER column arrives as bigint; only
+  // size_bytes may exceed 2^53, the others are small and become numbers.
+  return {
+    id: r.id,
+    name: r.name,
+    sizeBytes: r.size_bytes,
+    format: r.format as VolumeRecord['format'],
+    cipher: r.cipher,
+    keySizeBits: Number(r.key_size_bits),
+    sectorSize: Number(r.sector_size),
+    activeVersion: Number(r.active_version),
+    createdAt: r.created_at,
+  };
+}
+
+function toKeyVersion(r: KeyVersionRow): KeyVersionRecord {
+  return {
+    volumeId: r.volume_id,
+    version: r.version,
+    state: r.state as KeyVersionRecord['state'],
+    sealed: r.sealed === null ? null : bytes(r.sealed),
+    createdAt: r.created_at,
+  };
+}
+
+function toHost(r: HostRow): HostRecord {
+  return {
+    id: r.id,
+    name: r.name,
+    state: r.state as HostRecord['state'],
+    boxPublicKey: bytes(r.box_public_key),
+    certSerial: r.cert_serial,
+    enrolledAt: r.enrolled_at,
+    revokedAt: r.revoked_at,
+    lastSeenAt: r.last_seen_at,
+  };
+}
+
+function toToken(r: TokenRow): EnrollmentTokenRecord {
+  return {
+    id: r.id,
+    hostName: r.host_name,
+    secretHash: bytes(r.secret_hash),
+    createdAt: r.created_at,
+    expiresAt: r.expires_at,
+    usedAt: r.used_at,
+    createdBy: r.created_by,
+  };
+}
+
+function toCertificate(r: CertificateRow): CertificateRecord {
+  return {
+    serial: r.serial,
+    role: r.role as CertificateRecord['role'],
+    name: r.name,
+    issuedAt: r.issued_at,
+    expiresAt: r.expires_at,
+    revokedAt: r.revoked_at,
+  };
+}
+
+function toAudit(r: AuditRow): AuditRecord {
+  return {
+    seq: r.seq,
+    time: r.time,
+    actor: r.actor,
+    action: r.action,
+    target: r.target,
+    outcome: r.outcome,
+    detailJson: r.detail_json,
+    prevHash: r.prev_hash,
+    hash: r.hash,
+  };
+}
+
+function* auditRecords(rows: Iterable<AuditRow>): Generator<AuditRecord> {
+  // Leaving this generator early (verifyChain returns at the first bad event) closes the
+  // underlying statement iterator, which frees the connection for further queries.
+  for (const r of rows) yield toAudit(r);
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+function sqliteCode(err: unknown): string | undefined {
+  if (err instanceof Database.SqliteError) return err.code;
+  return undefined;
+}
+
+/** What a constraint violation of one statement means, in caller terms. */
+interface ConstraintNames {
+  /** Entity named when a UNIQUE constraint (other than the primary key) fails, e.g. "volume name". */
+  unique?: string;
+  /** Entity named when the primary key is taken, e.g. "volume". */
+  primary?: string;
+  /** Entity named when a referenced row is missing, e.g. "volume". */
+  foreign?: string;
+}
+
+/**
+ * Maps a SQLite constraint error to a DomainError whose message names the entity only
+ * (never SQL, table or values); any other error is returned unchanged and becomes
+ * INTERNAL at the RPC layer. Classification uses SQLite's extended result code.
+ */
+function mapConstraint(err: unknown, names: ConstraintNames): unknown {
+  const code = sqliteCode(err);
+  if (code === 'SQLITE_CONSTRAINT_UNIQUE' && names.unique) return errors.alreadyExists(names.unique, { cause: err });
+  if (code === 'SQLITE_CONSTRAINT_PRIMARYKEY' && names.primary) return errors.alreadyExists(names.primary, { cause: err });
+  if (code === 'SQLITE_CONSTRAINT_FOREIGNKEY' && names.foreign) return errors.notFound(names.foreign, { cause: err });
+  return err;
+}
+
+function run(fn: () => void, names: ConstraintNames): void {
+  try {
+    fn();
+  } catch (err) {
+    throw mapConstraint(err, names);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Pagination
+
+type TokenKind = 'volume' | 'guest' | 'host' | 'audit';
+
+function badToken(): DomainError {
+  return errors.invalid('invalid page token');
+}
+
+/** Opaque page token: base64url of the JSON array [kind, lastKey]. */
+function encodePageToken(kind: TokenKind, key: string | number): string {
+  return Buffer.from(JSON.stringify([kind, key]), 'utf8').toString('base64url');
+}
+
+/** Inverse of encodePageToken; undefined for "" (first page). */
+function decodePageToken(token: string, kind: TokenKind): unknown {
+  if (token === '') return undefined;
+  if (token.length > 4096 || !/^[A-Za-z0-9_-]+$/.test(token)) throw badToken();
+  const raw = Buffer.from(token, 'base64url');
+  // Node's decoder is lenient; a token that does not re-encode to itself was not ours.
+  if (raw.toString('base64url') !== token) throw badToken();
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(raw.toString('utf8'));
+  } catch {
+    throw badToken();
+  }
+  if (!Array.isArray(parsed) || parsed.length !== 2 || parsed[0] !== kind) throw badToken();
+  return parsed[1];
+}
+
+function decodeNameToken(token: string, kind: TokenKind): string | undefined {
+  const key = decodePageToken(token, kind);
+  if (key === undefined) return undefined;
+  if (typeof key !== 'string') throw badToken();
+  return key;
+}
+
+function decodeSeqToken(token: string): number | undefined {
+  const key = decodePageToken(token, 'audit');
+  if (key === undefined) return undefined;
+  if (typeof key !== 'number' || !Number.isSafeInteger(key) || key < 0) throw badToken();
+  return key;
+}
+
+function clampPageSize(n: number): number {
+  if (!Number.isFinite(n)) return MAX_PAGE_SIZE;
+  return Math.min(MAX_PAGE_SIZE, Math.max(1, Math.trunc(n)));
+}
+
+/** SQLite's default BINARY collation compares UTF-8 bytes; so must we. */
+function compareUtf8(a: string, b: string): number {
+  return Buffer.compare(Buffer.from(a, 'utf8'), Buffer.from(b, 'utf8'));
+}
+
+/**
+ * Smallest string greater than every string starting with `prefix`, or NO_UPPER_BOUND.
+ * Code-point order equals UTF-8 byte order, so incrementing the last code point works;
+ * trailing U+10FFFF cannot be incremented and is dropped first (carry), and the surrogate
+ * range is skipped because it has no UTF-8 encoding.
+ */
+function prefixUpperBound(prefix: string): NameUpperBound {
+  const cps = Array.from(prefix, (c) => c.codePointAt(0) ?? 0);
+  while (cps.length > 0 && cps[cps.length - 1] === 0x10ffff) cps.pop();
+  const last = cps.pop();
+  if (last === undefined) return NO_UPPER_BOUND;
+  cps.push(last + 1 === 0xd800 ? 0xe000 : last + 1);
+  return String.fromCodePoint(...cps);
+}
+
+/**
+ * Index range [start, end) of names with the prefix that come after `after`. `after + "\0"`
+ * is the smallest string greater than `after` in byte order, which turns the exclusive
+ * keyset bound into an inclusive one so both cases share one statement.
+ */
+function nameRange(prefix: string, after: string | undefined): { start: string; end: NameUpperBound } {
+  let start = prefix;
+  if (after !== undefined) {
+    const successor = after + '\u0000';
+    if (compareUtf8(successor, start) > 0) start = successor;
+  }
+  return { start, end: prefix === '' ? NO_UPPER_BOUND : prefixUpperBound(prefix) };
+}
+
+/** Rows were fetched with LIMIT pageSize + 1: the extra row only says "there is more". */
+function toPage<T>(items: T[], limit: number, tokenOf: (last: T) => string): Page<T> {
+  if (items.length <= limit) return { items, nextPageToken: '' };
+  const pageItems = items.slice(0, limit);
+  const last = pageItems[pageItems.length - 1];
+  return { items: pageItems, nextPageToken: last === undefined ? '' : tokenOf(last) };
+}
+
+// ---------------------------------------------------------------------------------------
+// File handling and schema
+
+/** Creates the database file with mode 0600 before SQLite does (SQLite would use 0644). */
+function prepareDatabaseFile(path: string, logger: Logger): void {
+  try {
+    fs.closeSync(fs.openSync(path, 'wx', 0o600));
+    return;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+  }
+  tightenMode(path, logger);
+}
+
+/** Removes group/other permissions from an existing file (db, -wal, -shm). */
+function tightenMode(path: string, logger: Logger): void {
+  let mode: number;
+  try {
+    mode = fs.statSync(path).mode;
+  } catch {
+    return; // does not exist (yet)
+  }
+  if ((mode & 0o077) !== 0) {
+    fs.chmodSync(path, mode & 0o700);
+    logger.warn('tightened permissions of a database file', { path, mode: (mode & 0o777).toString(8) });
+  }
+}
+
+function configure(db: Database.Database, memory: boolean): void {
+  const mode = db.pragma('journal_mode = WAL', { simple: true });
+  if (!memory && mode !== 'wal') throw new Error(`could not enable WAL journal (got ${String(mode)})`);
+  db.pragma('synchronous = FULL');
+  db.pragma('foreign_keys = ON');
+  // Crypto-shredding: overwrite deleted content (sealed secrets) with zeros.
+  db.pragma('secure_delete = ON');
+  // Statement journals and sorts would otherwise go to temporary files on disk.
+  db.pragma('temp_store = MEMORY');
+  db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+  db.pragma('trusted_schema = OFF');
+  if (db.pragma('secure_delete', { simple: true }) !== 1 || db.pragma('foreign_keys', { simple: true }) !== 1) {
+    throw new Error('could not enable secure_delete and foreign_keys');
+  }
+}
+
+/** Applies pending migrations in one transaction; returns the resulting schema version. */
+function migrate(db: Database.Database, logger: Logger): number {
+  const apply = db.transaction(() => {
+    db.exec(SCHEMA_MIGRATIONS_DDL);
+    const applied = db
+      .prepare<[], { version: number; name: string }>('SELECT version, name FROM schema_migrations ORDER BY version')
+      .all();
+    const current = applied.reduce((max, m) => Math.max(max, m.version), 0);
+    if (current > LATEST_SCHEMA_VERSION) {
+      throw errors.precondition(`database schema version ${current} is newer than this server supports (${LATEST_SCHEMA_VERSION})`, {
+        hint: 'run a newer virtkm-server, or restore a backup made by this version',
+      });
+    }
+    for (const row of applied) {
+      if (MIGRATIONS[row.version - 1]?.name !== row.name) {
+        throw errors.precondition('database schema history does not match this server', {
+          hint: 'the database was created by an incompatible build of virtkm-server',
+        });
+      }
+    }
+    const insert = db.prepare<[number, string, string]>('INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)');
+    for (const m of MIGRATIONS) {
+      if (m.version <= current) continue;
+      db.exec(m.sql);
+      insert.run(m.version, m.name, new Date().toISOString());
+      logger.info('applied schema migration', { version: m.version, name: m.name });
+    }
+    return LATEST_SCHEMA_VERSION;
+  });
+  // IMMEDIATE: two processes opening a fresh file must not both try to migrate it.
+  return apply.immediate();
+}
+
+// ---------------------------------------------------------------------------------------
+// The store
+
+interface QueuedUnit {
+  fn: (tx: StoreWriter) => unknown;
+  resolve: (value: unknown) => void;
+  reject: (err: unknown) => void;
+}
+
+type UnitOutcome = { ok: true; value: unknown } | { ok: false; error: unknown };
+
+interface ChainHead {
+  seq: number;
+  hash: string;
+}
+
+function isThenable(v: unknown): v is PromiseLike<unknown> {
+  return (typeof v === 'object' || typeof v === 'function') && v !== null && typeof (v as { then?: unknown }).then === 'function';
+}
+
+/**
+ * Implements both the Store and, for the duration of one unit, the StoreWriter given to it
+ * (the same object: the write methods check that a unit is running).
+ */
+class SqliteStoreImpl implements SqliteStore, StoreWriter {
+  readonly schemaVersion: number;
+  readonly #db: Database.Database;
+  readonly #s: Statements;
+  readonly #memory: boolean;
+  readonly #path: string;
+  readonly #logger: Logger;
+  readonly #maxBatch: number;
+  readonly #now: () => Date;
+  readonly #hooks: SqliteStoreTestHooks;
+  /** Last event of the audit chain as of the current (possibly uncommitted) state. */
+  #head: ChainHead;
+  #inUnit = false;
+  /** A unit of the running batch deleted sealed secrets: checkpoint the WAL after COMMIT. */
+  #shredPending = false;
+  #queue: QueuedUnit[] = [];
+  #scheduled = false;
+  #idleWaiters: (() => void)[] = [];
+  #closing: Promise<void> | undefined;
+  readonly #stats: SqliteStoreStats = { commits: 0, units: 0, failedUnits: 0, failedBatches: 0 };
+
+  constructor(
+    db: Database.Database,
+    init: { schemaVersion: number; memory: boolean; path: string; logger: Logger; maxBatch: number; now: () => Date; hooks: SqliteStoreTestHooks },
+  ) {
+    this.#db = db;
+    this.schemaVersion = init.schemaVersion;
+    this.#memory = init.memory;
+    this.#path = init.path;
+    this.#logger = init.logger;
+    this.#maxBatch = init.maxBatch;
+    this.#now = init.now;
+    this.#hooks = init.hooks;
+    this.#s = prepareStatements(db);
+    const head = this.#s.auditHead.get();
+    this.#head = head ? { seq: head.seq, hash: head.hash } : { seq: 0, hash: GENESIS_HASH };
+  }
+
+  stats(): SqliteStoreStats {
+    return { ...this.#stats };
+  }
+
+  // ----- reads -------------------------------------------------------------------------
+
+  getVolume(id: string): VolumeRecord | undefined {
+    const r = this.#s.getVolume.get(id);
+    return r && toVolume(r);
+  }
+
+  getVolumeByName(name: string): VolumeRecord | undefined {
+    const r = this.#s.getVolumeByName.get(name);
+    return r && toVolume(r);
+  }
+
+  listVolumes(q: VolumeQuery): Page<VolumeRecord> {
+    // Keyset pagination on the unique name: O(page) however deep the page, and stable
+    // when rows are inserted or deleted between calls (unlike OFFSET).
+    const limit = clampPageSize(q.pageSize);
+    const { start, end } = nameRange(q.namePrefix ?? '', decodeNameToken(q.pageToken, 'volume'));
+    const rows =
+      q.format === undefined
+        ? this.#s.listVolumes.all(start, end, limit + 1)
+        : this.#s.listVolumesByFormat.all(start, end, q.format, limit + 1);
+    return toPage(rows.map(toVolume), limit, (v) => encodePageToken('volume', v.name));
+  }
+
+  countVolumes(): number {
+    return this.#s.countVolumes.get() ?? 0;
+  }
+
+  getKeyVersions(volumeId: string): KeyVersionRecord[] {
+    return this.#s.getKeyVersions.all(volumeId).map(toKeyVersion);
+  }
+
+  getActiveKey(volumeId: string): KeyVersionRecord | undefined {
+    const r = this.#s.getActiveKey.get(volumeId);
+    return r && toKeyVersion(r);
+  }
+
+  guestNamesOfVolume(volumeId: string): string[] {
+    return this.#s.guestNamesOfVolume.all(volumeId);
+  }
+
+  getGuest(id: string): GuestRecord | undefined {
+    const r = this.#s.getGuest.get(id);
+    return r && this.#toGuest(r);
+  }
+
+  getGuestByName(name: string): GuestRecord | undefined {
+    const r = this.#s.getGuestByName.get(name);
+    return r && this.#toGuest(r);
+  }
+
+  listGuests(q: GuestQuery): Page<GuestRecord> {
+    const limit = clampPageSize(q.pageSize);
+    const { start, end } = nameRange(q.namePrefix ?? '', decodeNameToken(q.pageToken, 'guest'));
+    const rows =
+      q.hostId === undefined
+        ? this.#s.listGuests.all(start, end, limit + 1)
+        : this.#s.listGuestsOnHost.all(q.hostId, start, end, limit + 1);
+    return toPage(
+      rows.map((r) => this.#toGuest(r)),
+      limit,
+      (g) => encodePageToken('guest', g.name),
+    );
+  }
+
+  isVolumePlacedOnHost(volumeId: string, hostId: string): boolean {
+    return this.#s.isVolumePlacedOnHost.get(volumeId, hostId) === 1;
+  }
+
+  getHost(id: string): HostRecord | undefined {
+    const r = this.#s.getHost.get(id);
+    return r && toHost(r);
+  }
+
+  getHostByName(name: string): HostRecord | undefined {
+    const r = this.#s.getHostByName.get(name);
+    return r && toHost(r);
+  }
+
+  listHosts(pageSize: number, pageToken: string): Page<HostRecord> {
+    const limit = clampPageSize(pageSize);
+    const { start, end } = nameRange('', decodeNameToken(pageToken, 'host'));
+    const rows = this.#s.listHosts.all(start, end, limit + 1);
+    return toPage(rows.map(toHost), limit, (h) => encodePageToken('host', h.name));
+  }
+
+  countGuestsOnHost(hostId: string): number {
+    return this.#s.countGuestsOnHost.get(hostId) ?? 0;
+  }
+
+  getEnrollmentToken(id: string): EnrollmentTokenRecord | undefined {
+    const r = this.#s.getToken.get(id);
+    return r && toToken(r);
+  }
+
+  getCertificate(serial: string): CertificateRecord | undefined {
+    const r = this.#s.getCertificate.get(serial);
+    return r && toCertificate(r);
+  }
+
+  listAuditEvents(q: AuditQuery): Page<AuditRecord> {
+    // Ascending seq; the page token and afterSeq are both exclusive lower bounds.
+    const limit = clampPageSize(q.pageSize);
+    const fromToken = decodeSeqToken(q.pageToken) ?? 0;
+    const fromQuery = q.afterSeq !== undefined && Number.isSafeInteger(q.afterSeq) && q.afterSeq > 0 ? q.afterSeq : 0;
+    const after = Math.max(fromToken, fromQuery);
+    const action = q.action === undefined || q.action === '' ? undefined : q.action;
+    const target = q.target === undefined || q.target === '' ? undefined : q.target;
+    let rows: AuditRow[];
+    if (action !== undefined && target !== undefined) rows = this.#s.listAuditByActionTarget.all(after, action, target, limit + 1);
+    else if (action !== undefined) rows = this.#s.listAuditByAction.all(after, action, limit + 1);
+    else if (target !== undefined) rows = this.#s.listAuditByTarget.all(after, target, limit + 1);
+    else rows = this.#s.listAudit.all(after, limit + 1);
+    return toPage(rows.map(toAudit), limit, (e) => encodePageToken('audit', e.seq));
+  }
+
+  verifyAuditLog(): AuditVerification {
+    // iterate() streams rows: memory stays flat however long the log is.
+    return verifyChain(auditRecords(this.#s.auditAll.iterate()));
+  }
+
+  getSetting(key: string): string | undefined {
+    return this.#s.getSetting.get(key);
+  }
+
+  #toGuest(r: GuestRow): GuestRecord {
+    return {
+      id: r.id,
+      name: r.name,
+      domainXml: r.domain_xml,
+      hostId: r.host_id,
+      autostart: r.autostart === 1,
+      createdAt: r.created_at,
+      updatedAt: r.updated_at,
+      generation: r.generation,
+      volumeIds: this.#s.guestVolumeIds.all(r.id),
+    };
+  }
+
+  // ----- writes (only while a unit runs) -----------------------------------------------
+
+  #assertInUnit(): void {
+    // A unit that kept its writer past its return (e.g. across an await) would otherwise
+    // write outside any transaction, or into a later batch it does not belong to.
+    if (!this.#inUnit) throw new Error('StoreWriter used outside its write unit (units must be synchronous)');
+  }
+
+  insertVolume(v: VolumeRecord): void {
+    this.#assertInUnit();
+    if (typeof v.sizeBytes !== 'bigint' || v.sizeBytes < 0n || v.sizeBytes > MAX_INT64) {
+      throw errors.invalid('volume size out of range');
+    }
+    run(
+      () =>
+        this.#s.insertVolume.run(v.id, v.name, v.sizeBytes, v.format, v.cipher, v.keySizeBits, v.sectorSize, v.activeVersion, v.createdAt),
+      { unique: 'volume name', primary: 'volume' },
+    );
+  }
+
+  deleteVolume(id: string): void {
+    this.#assertInUnit();
+    // Explicit deletes (the foreign keys cascade too): links, then the sealed secrets,
+    // which secure_delete overwrites in the file, then the volume.
+    this.#s.deleteVolumeLinks.run(id);
+    if (this.#s.deleteVolumeKeys.run(id).changes > 0) this.#shredPending = true;
+    if (this.#s.deleteVolume.run(id).changes === 0) throw errors.notFound('volume');
+  }
+
+  insertKeyVersion(k: KeyVersionRecord): void {
+    this.#assertInUnit();
+    run(() => this.#s.insertKeyVersion.run(k.volumeId, k.version, k.state, k.sealed === null ? null : blob(k.sealed), k.createdAt), {
+      primary: 'key version',
+      foreign: 'volume',
+    });
+  }
+
+  /**
+   * Makes `version` the active one: the volume points at it, its state becomes "active",
+   * and any other "active" version of the volume becomes "retired".
+   */
+  setActiveVersion(volumeId: string, version: number): void {
+    this.#assertInUnit();
+    if (this.#s.volumeExists.get(volumeId) === undefined) throw errors.notFound('volume');
+    const k = this.#s.getKeyVersion.get(volumeId, version);
+    if (k === undefined) throw errors.notFound('key version');
+    if (k.state === 'destroyed' || k.sealed === null) throw errors.precondition('key version is destroyed');
+    this.#s.retireOtherActive.run(volumeId, version);
+    this.#s.activateKeyVersion.run(volumeId, version);
+    this.#s.setVolumeActiveVersion.run(version, volumeId);
+  }
+
+  upsertGuest(g: GuestRecord): void {
+    this.#assertInUnit();
+    if (new Set(g.volumeIds).size !== g.volumeIds.length) throw errors.invalid('a volume is listed twice for the guest');
+    run(
+      () =>
+        this.#s.upsertGuest.run(g.id, g.name, g.domainXml, g.hostId, g.autostart ? 1 : 0, g.createdAt, g.updatedAt, g.generation),
+      { unique: 'guest name', foreign: 'host' },
+    );
+    // Links are replaced as a whole; position keeps the order given at definition.
+    this.#s.deleteGuestLinks.run(g.id);
+    g.volumeIds.forEach((volumeId, position) => {
+      run(() => this.#s.insertGuestLink.run(g.id, volumeId, position), { foreign: 'volume' });
+    });
+  }
+
+  deleteGuest(id: string): void {
+    this.#assertInUnit();
+    this.#s.deleteGuestLinks.run(id);
+    if (this.#s.deleteGuest.run(id).changes === 0) throw errors.notFound('guest');
+  }
+
+  insertHost(h: HostRecord): void {
+    this.#assertInUnit();
+    run(
+      () =>
+        this.#s.insertHost.run(h.id, h.name, h.state, blob(h.boxPublicKey), h.certSerial, h.enrolledAt, h.revokedAt, h.lastSeenAt),
+      { unique: 'host name', primary: 'host' },
+    );
+  }
+
+  updateHost(h: HostRecord): void {
+    this.#assertInUnit();
+    let changes = 0;
+    run(
+      () => {
+        changes = this.#s.updateHost.run(h.name, h.state, blob(h.boxPublicKey), h.certSerial, h.enrolledAt, h.revokedAt, h.lastSeenAt, h.id)
+          .changes;
+      },
+      { unique: 'host name' },
+    );
+    if (changes === 0) throw errors.notFound('host');
+  }
+
+  touchHost(id: string, lastSeenAt: string): void {
+    this.#assertInUnit();
+    if (this.#s.touchHost.run(lastSeenAt, id).changes === 0) throw errors.notFound('host');
+  }
+
+  insertEnrollmentToken(t: EnrollmentTokenRecord): void {
+    this.#assertInUnit();
+    run(() => this.#s.insertToken.run(t.id, t.hostName, blob(t.secretHash), t.createdAt, t.expiresAt, t.usedAt, t.createdBy), {
+      primary: 'enrollment token',
+    });
+  }
+
+  /** True for the first use; false when already used; not_found for an unknown token. */
+  consumeEnrollmentToken(id: string, usedAt: string): boolean {
+    this.#assertInUnit();
+    if (this.#s.consumeToken.run(usedAt, id).changes === 1) return true;
+    if (this.#s.tokenExists.get(id) === undefined) throw errors.notFound('enrollment token');
+    return false;
+  }
+
+  insertCertificate(c: CertificateRecord): void {
+    this.#assertInUnit();
+    run(() => this.#s.insertCertificate.run(c.serial, c.role, c.name, c.issuedAt, c.expiresAt, c.revokedAt), {
+      primary: 'certificate',
+    });
+  }
+
+  revokeCertificate(serial: string, revokedAt: string): void {
+    this.#assertInUnit();
+    if (this.#s.revokeCertificate.run(revokedAt, serial).changes === 0) throw errors.notFound('certificate');
+  }
+
+  appendAudit(e: AuditEntryInput): AuditRecord {
+    this.#assertInUnit();
+    const fields = {
+      seq: this.#head.seq + 1,
+      time: this.#now().toISOString(),
+      actor: e.actor,
+      action: e.action,
+      target: e.target,
+      outcome: e.outcome,
+      detailJson: canonicalJson(e.detail ?? {}),
+    };
+    const prevHash = this.#head.hash;
+    const record: AuditRecord = { ...fields, prevHash, hash: auditHash(prevHash, fields) };
+    this.#s.insertAudit.run(
+      record.seq,
+      record.time,
+      record.actor,
+      record.action,
+      record.target,
+      record.outcome,
+      record.detailJson,
+      record.prevHash,
+      record.hash,
+    );
+    // Advance the in-memory head only once the row is in; #runBatch rewinds it if the
+    // unit's savepoint or the batch's COMMIT is rolled back.
+    this.#head = { seq: record.seq, hash: record.hash };
+    return record;
+  }
+
+  setSetting(key: string, value: string): void {
+    this.#assertInUnit();
+    this.#s.setSetting.run(key, value);
+  }
+
+  // ----- group commit ------------------------------------------------------------------
+
+  /**
+   * Queues a synchronous unit for the next batch; resolves with its return value once the
+   * batch's COMMIT is durable, or rejects with what the unit threw (the unit alone is
+   * rolled back) or with the batch's error (every unit of the batch rolled back).
+   */
+  write<T>(fn: (tx: StoreWriter) => T): Promise<T> {
+    if (this.#closing) return Promise.reject(new DomainError('unavailable', 'store is closed'));
+    return new Promise<T>((resolve, reject) => {
+      this.#queue.push({ fn, resolve: resolve as (value: unknown) => void, reject });
+      this.#schedule();
+    });
+  }
+
+  #schedule(): void {
+    if (this.#scheduled) return;
+    this.#scheduled = true;
+    // setImmediate, not a microtask: lets every request handler of this turn enqueue first.
+    setImmediate(() => this.#flush());
+  }
+
+  #flush(): void {
+    this.#scheduled = false;
+    const batch = this.#queue.splice(0, this.#maxBatch);
+    if (batch.length > 0) this.#runBatch(batch);
+    if (this.#queue.length > 0) {
+      this.#schedule();
+    } else {
+      const waiters = this.#idleWaiters;
+      this.#idleWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  /** Runs one batch; never throws (every failure settles the units' promises). */
+  #runBatch(batch: QueuedUnit[]): void {
+    const headAtStart = this.#head;
+    this.#shredPending = false;
+    try {
+      this.#s.begin.run();
+    } catch (err) {
+      this.#failBatch(batch, sqliteCode(err) === 'SQLITE_BUSY' ? new DomainError('unavailable', 'database is busy', { cause: err }) : err);
+      return;
+    }
+
+    const outcomes: UnitOutcome[] = [];
+    try {
+      for (const [i, unit] of batch.entries()) {
+        const headAtUnit = this.#head;
+        this.#s.savepoint.run();
+        this.#inUnit = true;
+        try {
+          const value = unit.fn(this);
+          if (isThenable(value)) {
+            // Its rejection (if any) is the caller's bug, reported through the TypeError below.
+            Promise.resolve(value).catch(() => undefined);
+            throw new TypeError('store write unit returned a promise; units must be synchronous');
+          }
+          this.#inUnit = false;
+          this.#s.releaseSavepoint.run();
+          outcomes.push({ ok: true, value });
+        } catch (err) {
+          this.#inUnit = false;
+          this.#head = headAtUnit;
+          if (!this.#db.inTransaction) {
+            // SQLite rolled back the whole transaction itself (I/O error, disk full...):
+            // the units before this one lost their writes as well. Reject them and this
+            // one; requeue the rest, which never ran, at the front of the queue.
+            this.#head = headAtStart;
+            this.#queue.unshift(...batch.slice(i + 1));
+            if (this.#queue.length > 0) this.#schedule();
+            this.#failBatch(batch.slice(0, i + 1), err);
+            return;
+          }
+          this.#s.rollbackToSavepoint.run();
+          this.#s.releaseSavepoint.run();
+          this.#stats.failedUnits++;
+          outcomes.push({ ok: false, error: err });
+        }
+      }
+      this.#hooks.beforeCommit?.();
+      this.#s.commit.run();
+    } catch (err) {
+      this.#inUnit = false;
+      if (this.#db.inTransaction) {
+        try {
+          this.#s.rollback.run();
+        } catch (rollbackErr) {
+          this.#logger.error('rollback after failed batch failed', describeError(rollbackErr));
+        }
+      }
+      this.#head = headAtStart;
+      this.#failBatch(batch, err);
+      return;
+    }
+
+    this.#stats.commits++;
+    this.#stats.units += batch.length;
+    if (this.#shredPending) {
+      this.#shredPending = false;
+      // secure_delete zeroes the pages, but the WAL still holds older images of them
+      // (with the secret) until a checkpoint; fold and truncate it now, before the
+      // deleting unit learns that its volume is gone.
+      this.#checkpoint('crypto-shred');
+    }
+    batch.forEach((unit, i) => {
+      const o = outcomes[i];
+      if (o === undefined) unit.reject(new Error('store write unit has no outcome'));
+      else if (o.ok) unit.resolve(o.value);
+      else unit.reject(o.error);
+    });
+  }
+
+  #failBatch(units: QueuedUnit[], err: unknown): void {
+    this.#stats.failedBatches++;
+    this.#stats.units += units.length;
+    this.#logger.error('write batch failed', { units: units.length, ...describeError(err) });
+    for (const u of units) u.reject(err);
+  }
+
+  // ----- close -------------------------------------------------------------------------
+
+  /** Refuses new writes, waits for queued ones, checkpoints the WAL and closes. Idempotent. */
+  close(): Promise<void> {
+    if (!this.#closing) {
+      const drained =
+        this.#queue.length === 0 && !this.#scheduled ? Promise.resolve() : new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
+      this.#closing = drained.then(() => this.#closeNow());
+    }
+    return this.#closing;
+  }
+
+  /**
+   * Folds the WAL into the main file and truncates it, so old page images (which may hold
+   * since-deleted sealed secrets) do not linger in the -wal file. Failure is logged only:
+   * the data is committed either way.
+   */
+  #checkpoint(reason: string): void {
+    if (this.#memory) return;
+    try {
+      const r = this.#db.pragma('wal_checkpoint(TRUNCATE)') as { busy: number }[];
+      if (r[0]?.busy) this.#logger.warn('WAL checkpoint incomplete', { reason, path: this.#path });
+    } catch (err) {
+      this.#logger.warn('WAL checkpoint failed', { reason, ...describeError(err) });
+    }
+  }
+
+  #closeNow(): void {
+    this.#checkpoint('close');
+    this.#db.close();
+    this.#logger.info('store closed');
+  }
+}
+
+/**
+ * Opens (creating and migrating if needed) the SQLite store at options.path. Throws
+ * DomainError failed_precondition when the database's schema is newer than this code.
+ */
+export function openSqliteStore(options: SqliteStoreOptions): SqliteStore {
+  const logger = options.logger ?? silentLogger;
+  const maxBatch = options.maxBatch ?? DEFAULT_MAX_BATCH;
+  if (!Number.isSafeInteger(maxBatch) || maxBatch < 1) throw errors.invalid('maxBatch must be a positive integer');
+  if (options.path === '') throw errors.invalid('store path is empty');
+  assertMigrationsWellFormed(MIGRATIONS);
+
+  const memory = options.path === ':memory:';
+  if (!memory) prepareDatabaseFile(options.path, logger);
+  const db = new Database(options.path, { timeout: BUSY_TIMEOUT_MS });
+  try {
+    configure(db, memory);
+    if (!memory) {
+      // SQLite gives -wal/-shm the main file's mode; tighten leftovers of a looser past.
+      tightenMode(`${options.path}-wal`, logger);
+      tightenMode(`${options.path}-shm`, logger);
+    }
+    const schemaVersion = migrate(db, logger);
+    const store = new SqliteStoreImpl(db, {
+      schemaVersion,
+      memory,
+      path: options.path,
+      logger,
+      maxBatch,
+      now: options.now ?? (() => new Date()),
+      hooks: options.hooks ?? {},
+    });
+    logger.info('store opened', { path: options.path, schemaVersion });
+    return store;
+  } catch (err) {
+    db.close();
+    throw err;
+  }
+}

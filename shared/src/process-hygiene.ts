@@ -1,0 +1,140 @@
+/**
+ * Process hygiene for processes that hold keys (the server and the host agent).
+ *
+ * What it does: prctl(PR_SET_DUMPABLE, 0) through libc (koffi FFI). A non-dumpable process
+ * writes no core dump on a crash (unless fs.suid_dumpable=2, where the dump is root-only),
+ * and other processes of the same user can neither ptrace it nor read /proc/<pid>/mem.
+ *
+ * What it deliberately does NOT do: mlockall(). Locking memory is incompatible with V8 in
+ * Node 20 (V8 11.3). When V8 releases heap pages it calls madvise(MADV_DONTNEED) and treats
+ * failure as fatal ("Check failed: 0 == ret" in v8::base::OS::SetPermissions), and the
+ * kernel refuses MADV_DONTNEED on locked pages with EINVAL. With any of MCL_CURRENT,
+ * MCL_FUTURE or MCL_ONFAULT the process dies with SIGTRAP at the first GC that frees pages
+ * (observed here with mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT) followed by 200 MB of
+ * allocation; test/unit/process-hygiene.test.ts keeps a probe of it). So secrets may reach
+ * swap if the machine swaps: run the service without swap, with encrypted swap, or with
+ * systemd's MemorySwapMax=0 (cgroup v2 memory.swap.max). hardenProcess() reports whether
+ * swap can reach this process.
+ */
+import { readFileSync } from 'node:fs';
+import type { Logger } from './log.js';
+
+/** prctl option: read the dumpable flag. */
+export const PR_GET_DUMPABLE = 3;
+/** prctl option: set the dumpable flag. */
+export const PR_SET_DUMPABLE = 4;
+/** mlockall flags (Linux), for reference and for the compatibility probe in the tests. */
+export const MCL_CURRENT = 1;
+/** See MCL_CURRENT. */
+export const MCL_FUTURE = 2;
+/** See MCL_CURRENT. */
+export const MCL_ONFAULT = 4;
+
+/** The outcome of hardenProcess. */
+export interface HardeningResult {
+  /** Whether the process is still dumpable afterwards (false = hardened). */
+  dumpable: boolean;
+  /** Whether memory is locked against swapping; always false (see module comment). */
+  memoryLocked: boolean;
+  /** True when swap is on and not disabled for this process's cgroup. */
+  swapPossible: boolean;
+}
+
+/** Raw hygiene state, for tests and diagnostics. */
+export interface HygieneStatus {
+  /** prctl(PR_GET_DUMPABLE): 0 = not dumpable, 1 = dumpable, -1 = unknown. */
+  dumpable: number;
+  /** VmLck of /proc/self/status in kB (-1 = unknown). */
+  vmLckKb: number;
+}
+
+interface Libc {
+  prctl: (option: number, arg2: number) => number;
+  errno: () => number;
+}
+
+/**
+ * libc through koffi, loaded once. koffi is a native module: if it or libc.so.6 cannot be
+ * loaded (another OS, a missing prebuilt binary), hygiene degrades to warnings instead of
+ * keeping the process from starting.
+ */
+const libc: Libc | undefined = await (async () => {
+  try {
+    const koffi = (await import('koffi')).default;
+    const lib = koffi.load('libc.so.6');
+    // prctl is variadic in glibc: pass the extra arguments as unsigned long, as the
+    // kernel reads them, through koffi's variadic call convention.
+    const prctl = lib.func('int prctl(int option, ...)');
+    return {
+      prctl: (option: number, arg2: number) => prctl(option, 'unsigned long', arg2, 'unsigned long', 0, 'unsigned long', 0, 'unsigned long', 0) as number,
+      errno: () => koffi.errno(),
+    };
+  } catch {
+    return undefined;
+  }
+})();
+
+function readProcFile(path: string): string | undefined {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether swap is active and not switched off for our cgroup (cgroup v2 memory.swap.max = 0). */
+function swapReachesProcess(): boolean {
+  const swaps = readProcFile('/proc/swaps');
+  // The first line is a header; any further line is an active swap area.
+  const swapOn = swaps === undefined ? true : swaps.trim().split('\n').length > 1;
+  if (!swapOn) return false;
+  const cgroup = readProcFile('/proc/self/cgroup')
+    ?.split('\n')
+    .find((line) => line.startsWith('0::'))
+    ?.slice(3);
+  if (cgroup === undefined) return true;
+  const max = readProcFile(`/sys/fs/cgroup${cgroup === '/' ? '' : cgroup}/memory.swap.max`);
+  return max?.trim() !== '0';
+}
+
+/**
+ * Reads the dumpable flag (prctl) and VmLck (/proc/self/status) of this process.
+ * -1 stands for "could not be read".
+ */
+export function readHygieneStatus(): HygieneStatus {
+  let dumpable = -1;
+  if (libc) {
+    const value = libc.prctl(PR_GET_DUMPABLE, 0);
+    if (value >= 0) dumpable = value;
+  }
+  const match = /^VmLck:\s+(\d+)\s+kB$/m.exec(readProcFile('/proc/self/status') ?? '');
+  const vmLckKb = match?.[1] === undefined ? -1 : Number(match[1]);
+  return { dumpable, vmLckKb };
+}
+
+/**
+ * Hardens the current process: makes it non-dumpable (prctl PR_SET_DUMPABLE 0). Never
+ * throws: a failure is a warning in the log and shows in the result. Memory is not locked
+ * (see module comment); when swap can reach the process that is logged as a warning with
+ * what to do about it. Call it early, before any secret is loaded.
+ */
+export function hardenProcess(logger: Logger): HardeningResult {
+  let dumpable = true;
+  if (!libc) {
+    logger.warn('process hardening unavailable: cannot load libc through koffi; the process stays dumpable');
+  } else {
+    const rc = libc.prctl(PR_SET_DUMPABLE, 0);
+    if (rc !== 0) logger.warn('prctl(PR_SET_DUMPABLE, 0) failed; the process stays dumpable', { rc, errno: libc.errno() });
+    dumpable = readHygieneStatus().dumpable !== 0;
+  }
+
+  const swapPossible = swapReachesProcess();
+  if (swapPossible) {
+    logger.warn('memory is not locked (mlockall is incompatible with V8) and swap is active: secrets may be written to swap', {
+      hint: 'disable swap, use encrypted swap, or run the service with MemorySwapMax=0',
+    });
+  } else {
+    logger.debug('memory is not locked (mlockall is incompatible with V8); swap cannot reach this process');
+  }
+  return { dumpable, memoryLocked: false, swapPossible };
+}

@@ -1,0 +1,55 @@
+/**
+ * Server process life cycle: passphrase-sealed master key, graceful shutdown on SIGTERM,
+ * process hygiene, restart keeps data.
+ */
+import test from 'ava';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { cli, initDataDir, runServerCommand, startServer, tempDir } from '../helpers/server-harness.js';
+
+test('a passphrase-sealed server starts only with the right passphrase and keeps its data across restarts', async (t) => {
+  const dir = tempDir();
+  const data = join(dir.path, 'data');
+  const good = join(dir.path, 'pass');
+  const bad = join(dir.path, 'wrong');
+  writeFileSync(good, 'correct horse battery staple\n', { mode: 0o600 });
+  writeFileSync(bad, 'incorrect horse\n', { mode: 0o600 });
+  try {
+    initDataDir(data, ['--passphrase-file', good, '--kdf-ops', '2', '--kdf-mem-mib', '16']);
+    const refused = runServerCommand(['run', '--data-dir', data, '--listen', '127.0.0.1:0', '--passphrase-file', bad]);
+    t.not(refused.code, 0);
+    t.regex(refused.stderr, /wrong passphrase/);
+
+    let server = await startServer(data, ['--passphrase-file', good]);
+    const run = (...args: string[]) => cli(['--server', server.address, '--credentials', join(data, 'admin.pem'), ...args]);
+    t.is((await run('volume', 'create', 'kept', '--size', '1G', '--format', 'luks')).code, 0);
+    t.is(await server.stop(), 0, 'SIGTERM shuts down cleanly');
+    t.regex(server.logs(), /"msg":"stopped"/);
+
+    server = await startServer(data, ['--passphrase-file', good]);
+    const shown = await run('volume', 'show', 'kept', '--json');
+    t.is(shown.code, 0, shown.stderr);
+    t.is((JSON.parse(shown.stdout) as { name: string }).name, 'kept');
+    t.is(await server.stop(), 0);
+  } finally {
+    dir.remove();
+  }
+});
+
+test('the server process is non-dumpable and locks its memory', async (t) => {
+  const dir = tempDir();
+  const data = join(dir.path, 'data');
+  try {
+    initDataDir(data);
+    const server = await startServer(data);
+    const { readFileSync } = await import('node:fs');
+    const status = readFileSync(`/proc/${server.proc.pid}/status`, 'utf8');
+    const vmLck = Number(/VmLck:\s+(\d+)/.exec(status)?.[1] ?? '0');
+    t.regex(server.logs(), /"dumpable":false/);
+    if (/"memory_locked":true/.test(server.logs())) t.true(vmLck > 0, `VmLck ${vmLck} kB`);
+    else t.log('mlockall was not permitted here; the server logged it');
+    t.is(await server.stop(), 0);
+  } finally {
+    dir.remove();
+  }
+});
