@@ -21,12 +21,12 @@ trap 'rm -f "$summary_file"' EXIT
 finish() {
   local line="$passed passed, $failed failed"
   ((skipped > 0)) && line+=", $skipped skipped"
+  echo
+  echo "== total (ava tests; a failed setup or lint counts as one failed test)"
   if ((${#extra_failures[@]} > 0)); then
-    echo
     echo "Failed outside the test runner:"
     printf '  - %s\n' "${extra_failures[@]}"
   fi
-  echo
   echo "$line"
   if ((failed > 0)); then exit 1; fi
   exit 0

@@ -10,6 +10,10 @@ import { fileURLToPath } from 'node:url';
 import { main as cliMain } from '../../server/src/cli/main.js';
 import { connectClients, type ApiClients } from '../../server/src/cli/clients.js';
 import { parseCredentialBundle } from '../../shared/src/pki.js';
+import { silenceIpServernameWarning } from '../../shared/src/warnings.js';
+
+// The in-process CLI talks to 127.0.0.1: keep the test output free of DEP0123 noise.
+silenceIpServernameWarning();
 
 const here = dirname(fileURLToPath(import.meta.url));
 /** dist/ root (this file runs from dist/test/helpers). */

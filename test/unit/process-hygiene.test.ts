@@ -41,7 +41,7 @@ test('readHygieneStatus reads the dumpable flag and VmLck of this (unhardened) p
   t.true(status.vmLckKb >= 0);
 });
 
-test('hardenProcess makes a child non-dumpable, and the child then runs 200 MB of allocation and crypto', (async (t) => {
+test('hardenProcess makes a child non-dumpable, and the child then runs 200 MB of allocation and crypto', async (t) => {
   const run = await runChild('harden', ['--expose-gc']);
   t.is(run.status, 0, `child failed: signal ${String(run.signal)}\n${run.stderr}`);
   const out = run.lines[0] as { before: StatusRecord; result: { dumpable: boolean; memoryLocked: boolean; swapPossible: boolean }; after: StatusRecord; end: StatusRecord; rssMb: number; log: string[] } | undefined;
@@ -61,7 +61,7 @@ test('hardenProcess makes a child non-dumpable, and the child then runs 200 MB o
   for (const line of out.log) t.false(line.includes('"level":"error"'));
 });
 
-test('probe: mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT) makes V8 abort once the GC frees pages', (async (t) => {
+test('probe: mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT) makes V8 abort once the GC frees pages', async (t) => {
   const run = await runChild('mlockall', ['--expose-gc']);
   const locked = run.lines.find((l) => l['stage'] === 'locked') as { rc: number; errno: number; status: StatusRecord } | undefined;
   t.truthy(locked, run.stderr);

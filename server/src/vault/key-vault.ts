@@ -3,7 +3,8 @@
  * the unsealed master key, creates and seals new secrets, and turns a sealed secret into a
  * key packet sealed to one host. The store it is used with sees ciphertext only.
  */
-import { KeyPacket, SealedKeyPacket, VolumeFormat } from '../../../shared/src/api.js';
+import type { SealedKeyPacket} from '../../../shared/src/api.js';
+import { KeyPacket, VolumeFormat } from '../../../shared/src/api.js';
 import { sealToRecipient, type BoxRecipient } from '../../../shared/src/box.js';
 import { DecryptionError, destroyWrappingKey, open, seal, volumeSecretAad, type WrappingKey } from '../../../shared/src/envelope.js';
 import { errors } from '../../../shared/src/errors.js';
