@@ -95,7 +95,8 @@ test('createKeyFile writes 32 random bytes with mode 0600 and never overwrites',
   t.true((await readFile(path)).equals(first), 'existing key file unchanged');
 });
 
-test('createKeyFile gives 0600 even under a permissive umask', async (t) => {
+// Serial: the umask is process-wide.
+test.serial('createKeyFile gives 0600 even under a permissive umask', async (t) => {
   const old = process.umask(0);
   try {
     const path = join(t.context.dir, 'k');
