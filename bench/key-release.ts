@@ -139,6 +139,8 @@ const ECHO_SERVER_BIN = join(here, 'echo-server.js');
 // --- Child processes and clean-up ----------------------------------------------------------
 
 const cleanups: (() => Promise<void> | void)[] = [];
+/** The running server's log so far, for the failure report. */
+let serverLogs: (() => string) | undefined;
 
 async function runCleanups(): Promise<void> {
   while (cleanups.length > 0) {
@@ -414,6 +416,7 @@ async function run(opts: BenchOptions): Promise<Results> {
     ? await startServerWithNodeFlags(dataDir, ['--cpu-prof', `--cpu-prof-dir=${opts.profileServer}`])
     : await startServer(dataDir);
   const serverPid = server.proc.pid;
+  serverLogs = server.logs;
   let stopping = false;
   server.proc.once('exit', (code, signal) => {
     if (!stopping) log(`SERVER EXITED UNEXPECTEDLY (code ${code}, signal ${signal}); last log lines:\n${server.logs().split('\n').slice(-15).join('\n')}`);
@@ -680,6 +683,8 @@ async function main(): Promise<number> {
     return 0;
   } catch (err) {
     console.error(`\nBENCH FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    const errorLines = (serverLogs?.() ?? '').split('\n').filter((l) => /"level":"(error|warn)"/.test(l));
+    if (errorLines.length > 0) console.error(`server errors and warnings (last 10 of ${errorLines.length}):\n${errorLines.slice(-10).join('\n')}`);
     return 1;
   } finally {
     await runCleanups();

@@ -26,6 +26,8 @@ export function parseEnrollmentToken(token: string): EnrollmentToken {
   const parts = token.trim().split('.');
   if (parts.length !== 4 || parts[0] !== 'vkm1') throw bad();
   const [, id, secret, ca] = parts as [string, string, string, string];
+  // Node's base64url decoder skips foreign characters: check the alphabet and length first.
+  if (!/^[A-Za-z0-9_-]{43}$/.test(secret) || !/^[A-Za-z0-9_-]{43}$/.test(ca)) throw bad();
   const secretBytes = Buffer.from(secret, 'base64url');
   const caBytes = Buffer.from(ca, 'base64url');
   if (!/^[A-Za-z0-9_-]{12}$/.test(id) || secretBytes.length !== 32 || caBytes.length !== 32) throw bad();

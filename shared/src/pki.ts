@@ -22,48 +22,16 @@ import {
 } from 'node:crypto';
 import { isIP } from 'node:net';
 import { promisify } from 'node:util';
-import type * as X509Types from '@peculiar/x509';
+import 'reflect-metadata';
+import * as x509 from '@peculiar/x509';
 import { DomainError } from './errors.js';
 import { wipe } from './secret-bytes.js';
 
 // --- Loading @peculiar/x509 ------------------------------------------------------------
 //
-// @peculiar/x509 registers its algorithms through tsyringe, which refuses to load unless a
-// Reflect metadata API exists (normally provided by the `reflect-metadata` package, which
-// is not a dependency of this project). tsyringe only stores and reads constructor
-// parameter metadata with it, so a minimal WeakMap-backed implementation is enough. It is
-// installed only when no implementation is present, before the library is loaded: hence
-// the dynamic import below instead of a static one (static imports would run first).
+// @peculiar/x509 registers its algorithms through tsyringe, which needs the Reflect
+// metadata API: reflect-metadata is imported first (ES modules evaluate in import order).
 
-type MetadataStore = WeakMap<object, Map<unknown, unknown>>;
-
-function installReflectMetadataShim(): void {
-  const reflect = Reflect as unknown as Record<string, unknown>;
-  if (typeof reflect['getMetadata'] === 'function') return;
-  const store: MetadataStore = new WeakMap();
-  const own = (target: object, key: unknown): unknown => store.get(target)?.get(key);
-  reflect['defineMetadata'] = (key: unknown, value: unknown, target: object): void => {
-    let map = store.get(target);
-    if (!map) {
-      map = new Map();
-      store.set(target, map);
-    }
-    map.set(key, value);
-  };
-  reflect['getOwnMetadata'] = (key: unknown, target: object): unknown => own(target, key);
-  reflect['hasOwnMetadata'] = (key: unknown, target: object): boolean => store.get(target)?.has(key) ?? false;
-  reflect['getMetadata'] = (key: unknown, target: object): unknown => {
-    for (let o: object | null = target; o !== null; o = Object.getPrototypeOf(o) as object | null) {
-      const map = store.get(o);
-      if (map?.has(key)) return map.get(key);
-    }
-    return undefined;
-  };
-  reflect['hasMetadata'] = (key: unknown, target: object): boolean => (reflect['getMetadata'] as (k: unknown, t: object) => unknown)(key, target) !== undefined;
-}
-
-installReflectMetadataShim();
-const x509: typeof X509Types = await import('@peculiar/x509');
 // Node's WebCrypto, explicitly (the library would otherwise look for a global one).
 x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
 
@@ -205,7 +173,7 @@ function validityWindow(validDays: number): { notBefore: Date; notAfter: Date } 
 }
 
 /** Parses a PEM certificate, turning any failure into invalid_argument. */
-function parseCertificatePem(pem: string, what: string): X509Types.X509Certificate {
+function parseCertificatePem(pem: string, what: string): x509.X509Certificate {
   if (!/-----BEGIN CERTIFICATE-----/.test(pem)) throw invalid(`${what} is not a PEM certificate`);
   try {
     return new x509.X509Certificate(pem);
@@ -235,7 +203,7 @@ function checkedPublicKeyDer(der: Uint8Array): Buffer {
  * Imports the CA's PKCS#8 PEM private key for signing, after checking it is the key of
  * the CA certificate. The intermediate DER copy is wiped.
  */
-async function importCaSigningKey(ca: CertificateAuthority, caCert: X509Types.X509Certificate): Promise<webcrypto.CryptoKey> {
+async function importCaSigningKey(ca: CertificateAuthority, caCert: x509.X509Certificate): Promise<webcrypto.CryptoKey> {
   let privateKey: KeyObject;
   try {
     privateKey = createPrivateKey({ key: ca.keyPem, format: 'pem' });
@@ -319,7 +287,7 @@ export async function issueCertificate(opts: IssueCertificateOptions): Promise<I
   if (!caConstraints?.ca) throw invalid('CA certificate is not a CA');
   const signingKey = await importCaSigningKey(opts.ca, caCert);
 
-  const extensions: X509Types.Extension[] = [
+  const extensions: x509.Extension[] = [
     new x509.BasicConstraintsExtension(false, undefined, true),
     new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
     new x509.ExtendedKeyUsageExtension([opts.role === 'server' ? x509.ExtendedKeyUsage.serverAuth : x509.ExtendedKeyUsage.clientAuth]),
@@ -368,7 +336,7 @@ export async function issueCertificate(opts: IssueCertificateOptions): Promise<I
  */
 export function parsePeerIdentity(derOrPem: Uint8Array | string): PeerIdentity {
   const refused = () => new DomainError('unauthenticated', 'peer certificate does not name a virtkm identity');
-  let cert: X509Types.X509Certificate;
+  let cert: x509.X509Certificate;
   try {
     if (typeof derOrPem === 'string') {
       if (!/-----BEGIN CERTIFICATE-----/.test(derOrPem)) throw refused();

@@ -145,7 +145,7 @@ test('every malformation gives exactly the same error (no oracle)', (t) => {
 // Found while writing these tests (see the report): Node's base64url decoder skips
 // characters outside the alphabet and accepts '+', '/' and '=' padding, so a secret or CA
 // part that is not canonical base64url still parses when it happens to decode to 32 bytes.
-test.failing('non-base64url characters in the secret or CA part are unauthenticated', (t) => {
+test('non-base64url characters in the secret or CA part are unauthenticated', (t) => {
   const [prefix, id, secret, ca] = parts(FIXED_TEXT);
   unauthenticated(t, [prefix, id, `${secret.slice(0, 10)}!${secret.slice(10)}`, ca].join('.'), 'secret with "!"');
   unauthenticated(t, [prefix, id, secret, `${ca.slice(0, 5)}*${ca.slice(5)}`].join('.'), 'ca with "*"');

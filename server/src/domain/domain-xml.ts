@@ -26,25 +26,35 @@ export interface CheckedDomainXml {
   volumeRefs: string[];
 }
 
-type XmlNode = { $?: Record<string, string>; [child: string]: unknown };
+type XmlNode = { '@'?: Record<string, string>; [child: string]: unknown };
 
 function children(node: XmlNode, name: string): XmlNode[] {
   const c = node[name];
   return Array.isArray(c) ? (c as XmlNode[]) : [];
 }
 
+/** Keys xml2js uses for attributes and text: characters no XML element name can hold. */
+const ATTR_KEY = '@';
+const TEXT_KEY = '#text';
+
+/** The text of the single child `name`; undefined when absent; invalid when repeated or not text. */
 function textOf(node: XmlNode, name: string): string | undefined {
   const c = node[name];
-  if (!Array.isArray(c) || c.length === 0) return undefined;
+  if (c === undefined) return undefined;
+  if (!Array.isArray(c) || c.length !== 1) throw errors.invalid(`<${name}> must appear at most once`);
   const first = c[0] as unknown;
   if (typeof first === 'string') return first.trim();
-  if (first && typeof first === 'object' && '_' in first) return String((first as { _: unknown })._).trim();
-  return undefined;
+  throw errors.invalid(`<${name}> must hold plain text`);
+}
+
+/** Attribute `key` of a node. */
+function attr(node: XmlNode | undefined, key: string): string | undefined {
+  return node?.[ATTR_KEY]?.[key];
 }
 
 /** Parses XML strictly; throws invalid_argument with a short reason when not well-formed. */
 async function parseStrict(xml: string): Promise<Record<string, unknown>> {
-  const parser = new Parser({ strict: true, explicitArray: true, explicitRoot: true, async: false });
+  const parser = new Parser({ strict: true, explicitArray: true, explicitRoot: true, async: false, attrkey: ATTR_KEY, charkey: TEXT_KEY });
   try {
     return (await parser.parseStringPromise(xml)) as Record<string, unknown>;
   } catch (err) {
@@ -69,11 +79,18 @@ export async function checkDomainXml(xml: string, guestName: string): Promise<Ch
     throw errors.invalid('domain XML must not contain a DOCTYPE or entity declarations');
   }
   const doc = await parseStrict(xml);
+  if (doc === null || typeof doc !== 'object') throw errors.invalid('domain XML has no root element');
   const rootNames = Object.keys(doc);
   if (rootNames.length !== 1 || rootNames[0] !== 'domain') throw errors.invalid('domain XML root element must be <domain>');
-  const domain = doc['domain'] as XmlNode;
+  // xml2js stops at the root's closing tag and ignores what follows, so the shape of the
+  // whole text is checked here: one <domain> element with nothing but comments after it.
+  const trimmed = xml.trim();
+  if ((trimmed.match(/<domain[\s/>]/g) ?? []).length !== 1 || (trimmed.match(/<\/domain\s*>/g) ?? []).length !== 1 || !/^(?:\s|<!--(?:(?!-->)[\s\S])*-->)*$/.test(trimmed.slice(trimmed.search(/<\/domain\s*>/)).replace(/^<\/domain\s*>/, ''))) {
+    throw errors.invalid('domain XML must be one <domain>...</domain> element with nothing but comments after it');
+  }
+  const domain = doc['domain'] as XmlNode | string;
   if (typeof domain !== 'object' || domain === null) throw errors.invalid('domain XML has an empty <domain> element');
-  const type = domain.$?.['type'];
+  const type = attr(domain, 'type');
   if (type !== 'kvm' && type !== 'qemu') throw errors.invalid("domain type must be 'kvm' or 'qemu'");
   const name = textOf(domain, 'name');
   if (name !== undefined && name !== guestName) throw errors.invalid('domain <name> must equal the guest name');
@@ -88,17 +105,18 @@ export async function checkDomainXml(xml: string, guestName: string): Promise<Ch
     if (children(disk, 'encryption').length > 0 || children(disk, 'auth').length > 0) {
       throw errors.invalid(`${where}: <encryption> and <auth> are added by virtkm and must not be given`);
     }
-    const device = disk.$?.['device'] ?? 'disk';
+    const device = attr(disk, 'device') ?? 'disk';
     const sources = children(disk, 'source');
     if (device === 'cdrom' || device === 'floppy') continue; // read-only install media, not managed
     if (device !== 'disk' && device !== 'lun') throw errors.invalid(`${where}: unsupported device type`);
     const source = sources[0];
-    if (disk.$?.['type'] !== 'volume' || sources.length !== 1 || !source || source.$?.['pool'] !== MANAGED_POOL || !source.$?.['volume']) {
+    const volume = attr(source, 'volume');
+    if (attr(disk, 'type') !== 'volume' || sources.length !== 1 || attr(source, 'pool') !== MANAGED_POOL || !volume) {
       throw errors.invalid(`${where}: every disk must reference a managed volume`, {
         hint: `use <disk type='volume' device='disk'><source pool='${MANAGED_POOL}' volume='VOLUME'/>...</disk>`,
       });
     }
-    volumeRefs.push(source.$['volume']);
+    volumeRefs.push(volume);
   }
   if (new Set(volumeRefs).size !== volumeRefs.length) throw errors.invalid('a volume is referenced by more than one disk');
   return { name, volumeRefs };

@@ -71,6 +71,7 @@ export function createKeyVault(masterKey: WrappingKey): KeyVault {
       }
     },
     packetForHost(volume, kv, to, issuedAt) {
+      if (kv.volumeId !== volume.id) throw errors.internal(new Error('key version does not belong to the volume'));
       if (kv.sealed === null) throw errors.precondition(`key version ${kv.version} of volume ${volume.id} is destroyed`);
       const secret = openOrFail(kv.sealed, volumeSecretAad(kv.volumeId, kv.version));
       let encoded: Uint8Array | undefined;

@@ -1,0 +1,33 @@
+/**
+ * The agent's state directory:
+ *
+ *   DIR/                0700
+ *   DIR/tls-key.pem     the host's TLS private key (PKCS#8, 0600)
+ *   DIR/box-key         the host's X25519 key pair: 32-byte secret || 32-byte public (0600)
+ *   DIR/cert.pem        the host certificate issued at enrollment
+ *   DIR/ca.pem          the server's CA certificate (pinned by the enrollment token)
+ *   DIR/host.json       {"host_id", "host", "server"}: identity and where to connect
+ */
+import { join } from 'node:path';
+
+/** Paths of a state directory. */
+export interface AgentStatePaths {
+  dir: string;
+  tlsKey: string;
+  boxKey: string;
+  cert: string;
+  ca: string;
+  hostJson: string;
+}
+
+/** The paths inside `dir`. */
+export function agentStatePaths(dir: string): AgentStatePaths {
+  return {
+    dir,
+    tlsKey: join(dir, 'tls-key.pem'),
+    boxKey: join(dir, 'box-key'),
+    cert: join(dir, 'cert.pem'),
+    ca: join(dir, 'ca.pem'),
+    hostJson: join(dir, 'host.json'),
+  };
+}
