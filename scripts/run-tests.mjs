@@ -191,16 +191,28 @@ async function runParent() {
     return finish(counter, ['cannot start ava'], null);
   }
 
+  // ava runs in a process group of its own, holding its workers and whatever the tests
+  // spawn, so that the whole run can be stopped, and its leftovers cleaned, as one.
   const child = spawn(process.execPath, [fileURLToPath(import.meta.url), '--tap', ...extra], {
     cwd: root,
     stdio: ['ignore', 'pipe', 'inherit'],
     env: { ...process.env, [CHILD_MODE_ENV]: '1' },
+    detached: true,
   });
-  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
-    process.on(signal, () => {
-      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
-    });
-  }
+  const signalGroup = (signal) => {
+    if (child.pid === undefined) return false;
+    try {
+      process.kill(-child.pid, signal);
+      return true;
+    } catch {
+      return false; // ESRCH: the group is empty.
+    }
+  };
+  // Ctrl-C: let ava stop its workers and report the interrupted tests. Termination: the group.
+  process.on('SIGINT', () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGINT');
+  });
+  for (const signal of ['SIGTERM', 'SIGHUP']) process.on(signal, () => signalGroup(signal));
 
   const rl = createInterface({ input: child.stdout, crlfDelay: Infinity });
   rl.on('line', (line) => {
@@ -213,6 +225,14 @@ async function runParent() {
     child.once('exit', (code, signal) => resolve({ code, signal, error: null }));
   });
   const [status] = await Promise.all([exited, closed]);
+
+  // Processes still in the group outlived ava: workers or servers a test failed to stop.
+  if (signalGroup(0)) {
+    console.error('run-tests: processes started by the tests were still running after ava ended; terminating them');
+    signalGroup('SIGTERM');
+    for (let i = 0; i < 30 && signalGroup(0); i++) await new Promise((resolve) => setTimeout(resolve, 100));
+    signalGroup('SIGKILL');
+  }
 
   counter.reconcile();
   if (status.error) notes.push(`cannot run ava: ${status.error.message}`);

@@ -3,7 +3,7 @@
  * process hygiene, restart keeps data.
  */
 import test from 'ava';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cli, initDataDir, runServerCommand, startServer, tempDir } from '../helpers/server-harness.js';
 
@@ -36,18 +36,17 @@ test('a passphrase-sealed server starts only with the right passphrase and keeps
   }
 });
 
-test('the server process is non-dumpable and locks its memory', async (t) => {
+test('the server process is non-dumpable and reports that its memory is not locked', async (t) => {
+  // mlockall() aborts V8 at its first heap shrink (see shared/src/process-hygiene.ts), so
+  // the server does not lock memory and says so; this checks what it does do.
   const dir = tempDir();
   const data = join(dir.path, 'data');
   try {
     initDataDir(data);
     const server = await startServer(data);
-    const { readFileSync } = await import('node:fs');
     const status = readFileSync(`/proc/${server.proc.pid}/status`, 'utf8');
-    const vmLck = Number(/VmLck:\s+(\d+)/.exec(status)?.[1] ?? '0');
-    t.regex(server.logs(), /"dumpable":false/);
-    if (/"memory_locked":true/.test(server.logs())) t.true(vmLck > 0, `VmLck ${vmLck} kB`);
-    else t.log('mlockall was not permitted here; the server logged it');
+    t.regex(server.logs(), /"msg":"starting".*"dumpable":false,"memory_locked":false/);
+    t.is(Number(/VmLck:\s+(\d+)/.exec(status)?.[1] ?? '-1'), 0, 'no memory is locked');
     t.is(await server.stop(), 0);
   } finally {
     dir.remove();
