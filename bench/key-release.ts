@@ -3,7 +3,7 @@
  *
  *   node dist/bench/key-release.js [--volumes 100000] [--seconds 10] [--concurrency 32]
  *       [--create-concurrency 64] [--batch 16] [--warmup 1] [--json out.json]
- *       [--profile-server DIR]
+ *       [--markdown out.md] [--profile-server DIR] [--keep-dir]
  *
  * Phases, all in one run against one temporary data directory:
  *   1. N volumes (luks, 1 GiB) through VolumeService.CreateVolume over mutual TLS with the
@@ -23,6 +23,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, fdatasyncSync, mkdirSync, openSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
@@ -54,7 +55,7 @@ import { machineInfo, runClosedLoop, type LoadResult, type MachineInfo } from '.
 
 const USAGE = `usage: node dist/bench/key-release.js [--volumes N] [--seconds S] [--concurrency C]
        [--create-concurrency C] [--batch B] [--warmup S] [--max-calls N] [--json FILE]
-       [--profile-server DIR] [--keep-dir]`;
+       [--markdown FILE] [--profile-server DIR] [--keep-dir]`;
 
 interface BenchOptions {
   volumes: number;
@@ -65,6 +66,7 @@ interface BenchOptions {
   warmup: number;
   maxCalls: number;
   json: string | undefined;
+  markdown: string | undefined;
   profileServer: string | undefined;
   keepDir: boolean;
 }
@@ -81,6 +83,7 @@ function parseOptions(argv: string[]): BenchOptions {
       warmup: { type: 'string', default: '1' },
       'max-calls': { type: 'string', default: '5000000' },
       json: { type: 'string' },
+      markdown: { type: 'string' },
       'profile-server': { type: 'string' },
       'keep-dir': { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
@@ -112,6 +115,7 @@ function parseOptions(argv: string[]): BenchOptions {
     warmup,
     maxCalls: int('max-calls', values['max-calls'], 1),
     json: values.json,
+    markdown: values.markdown,
     profileServer: values['profile-server'] ? resolve(values['profile-server']) : undefined,
     keepDir: values['keep-dir'] ?? false,
   };
@@ -384,6 +388,8 @@ interface PhaseRecord {
 
 interface Results {
   machine: MachineInfo;
+  /** 1, 5 and 15 minute load averages when the run started (others share the machine). */
+  loadAverage: number[];
   date: string;
   command: string;
   options: BenchOptions;
@@ -398,6 +404,7 @@ interface Results {
 
 async function run(opts: BenchOptions): Promise<Results> {
   const machine = machineInfo();
+  const loadAverage = loadavg();
   await loadSodium();
   const tmp = tempDir('virtkm-bench-');
   cleanups.push(() => {
@@ -581,6 +588,7 @@ async function run(opts: BenchOptions): Promise<Results> {
 
   return {
     machine,
+    loadAverage,
     date: new Date().toISOString(),
     command: `node ${process.argv.slice(1).map((a) => a.replace(/^.*\/dist\//, 'dist/')).join(' ')}`,
     options: opts,
@@ -606,22 +614,26 @@ function table(rows: string[][]): string {
   return rows.map((r) => r.map((cell, col) => (col === 0 ? cell.padEnd(widths[col]!) : cell.padStart(widths[col]!))).join('  ')).join('\n');
 }
 
-function report(r: Results): string {
-  const lines: string[] = [];
-  const m = r.machine;
-  lines.push(`virtkm key-release benchmark, ${r.date}`);
-  lines.push(`machine: ${m.nproc} CPUs (${m.cpuModel}), node ${m.node}, ${m.platform} ${m.kernel}`);
-  lines.push(`command: ${r.command}`);
-  lines.push(
-    `setup: ${fmt(r.setup.volumes)} volumes (luks, 1 GiB), ${fmt(r.setup.guests)} guests of <= ${DISKS_PER_GUEST} disks on one host (defined in ${r.setup.guestSeconds.toFixed(1)} s); ` +
-      `${r.options.seconds} s per run after ${r.options.warmup} s warm-up; storage ${fmt(r.fsyncPerSecond)} fdatasync/s`,
-  );
-  lines.push('');
-  const rows: string[][] = [['phase', 'calls/s', 'volumes/s', 'p50 ms', 'p99 ms', 'max ms', 'calls', 'errors', 'server CPU%', 'client CPU%', 'vs ceiling']];
+function markdownTable(rows: string[][]): string {
+  const [head, ...body] = rows;
+  const line = (r: string[]) => `| ${r.join(' | ')} |`;
+  return [line(head!), line(head!.map((_, i) => (i === 0 ? '---' : '---:'))), ...body.map(line)].join('\n');
+}
+
+/** CPU used by processes other than the bench and the server under test (noise). */
+function others(r: LoadResult): number | undefined {
+  if (r.machineCpuPercent === undefined) return undefined;
+  return Math.max(0, r.machineCpuPercent - r.clientCpuPercent - (r.serverCpuPercent ?? 0));
+}
+
+/** Rows of the phase table: each real run followed by its ceiling. */
+function phaseRows(r: Results): string[][] {
+  const rows: string[][] = [['phase', 'calls/s', 'volumes/s', 'p50 ms', 'p99 ms', 'max ms', 'calls', 'errors', 'server CPU %', 'server CPU us/call', 'client CPU %', 'other procs CPU %', 'vs ceiling']];
   const add = (name: string, ceilingName?: string) => {
     const p = r.phases[name];
     if (!p) return;
     const ceiling = ceilingName ? r.phases[ceilingName] : undefined;
+    const cpuPerCall = p.result.serverCpuPercent === undefined || p.result.rate === 0 ? undefined : (p.result.serverCpuPercent / 100 / p.result.rate) * 1e6;
     rows.push([
       p.label,
       fmt(p.result.rate),
@@ -632,8 +644,10 @@ function report(r: Results): string {
       fmt(p.result.calls),
       fmt(p.result.errors),
       fmt(p.result.serverCpuPercent),
+      fmt(cpuPerCall),
       fmt(p.result.clientCpuPercent),
-      ceiling ? `${fmt(p.result.rate / ceiling.result.rate, 2)}x` : '',
+      fmt(others(p.result)),
+      ceiling ? `${fmt(p.result.rate / ceiling.result.rate, 2)}x` : '(ceiling)',
     ]);
   };
   add('create', 'echoCreate');
@@ -642,19 +656,63 @@ function report(r: Results): string {
   add('echo1');
   add('releaseBatch', 'echoBatch');
   add('echoBatch');
-  lines.push(table(rows));
+  return rows;
+}
+
+function targetRows(r: Results): string[][] {
+  const rows: string[][] = [['target (issue 2)', 'measured', 'ceiling (same run)', 'target', 'verdict']];
+  for (const t of r.targets) rows.push([t.name, fmt(t.value, t.value < 100 ? 2 : 0), t.ceiling, t.target, t.pass ? 'PASS' : 'MISS']);
+  return rows;
+}
+
+function setupLine(r: Results): string {
+  return (
+    `${fmt(r.setup.volumes)} volumes (luks, 1 GiB), ${fmt(r.setup.guests)} guests of <= ${DISKS_PER_GUEST} disks on one host (defined in ${r.setup.guestSeconds.toFixed(1)} s); ` +
+    `${r.options.seconds} s per run after ${r.options.warmup} s warm-up; storage ${fmt(r.fsyncPerSecond)} fdatasync/s (4 KiB, one writer)`
+  );
+}
+
+const CEILING_NOTE =
+  '"vs ceiling" = calls/s of the real server / calls/s of a bare grpc-js echo server (child process, same mutual-TLS 1.3 credentials and listener options), same client loop and concurrency, message of the real response size. ' +
+  'CPU % is in percent of one core: "server" is the process under test (virtkm-server or the echo server), "client" this bench, "other procs" everything else on the machine during the run.';
+
+function report(r: Results): string {
+  const lines: string[] = [];
+  const m = r.machine;
+  lines.push(`virtkm key-release benchmark, ${r.date}`);
+  lines.push(`machine: ${m.nproc} CPUs (${m.cpuModel}), node ${m.node}, ${m.platform} ${m.kernel}, load average at start ${r.loadAverage.map((x) => x.toFixed(2)).join(' ')}`);
+  lines.push(`command: ${r.command}`);
+  lines.push(`setup: ${setupLine(r)}`);
   lines.push('');
-  lines.push('"vs ceiling" = calls/s of the real server / calls/s of the bare grpc-js echo server over the same mutual TLS 1.3, same client loop, message of the real response size.');
+  lines.push(table(phaseRows(r)));
+  lines.push('');
+  lines.push(CEILING_NOTE);
   lines.push(`verification: ${r.verification.responsesChecked} sampled responses, ${r.verification.packetsChecked} packets opened with the host's box key and decoded to the requested volume (${r.verification.distinctVolumes} distinct volumes): OK`);
   lines.push('');
-  const trows: string[][] = [['target (issue 2)', 'measured', 'ceiling (same run)', 'target', 'verdict']];
-  for (const t of r.targets) trows.push([t.name, fmt(t.value, t.value < 100 ? 2 : 0), t.ceiling, t.target, t.pass ? 'PASS' : 'MISS']);
-  lines.push(table(trows));
+  lines.push(table(targetRows(r)));
   if (r.profile) {
     lines.push('');
     lines.push(formatProfileSummary(`server CPU profile during the release runs (${r.profile.file})`, r.profile.summary));
   }
   return lines.join('\n');
+}
+
+/** The figures as a Markdown fragment (for docs/benchmarks.md). */
+function markdown(r: Results): string {
+  const m = r.machine;
+  return [
+    `- Date: ${r.date}`,
+    `- Machine: ${m.nproc} CPUs, ${m.cpuModel}, ${m.platform} ${m.kernel}; node ${m.node}; load average at start ${r.loadAverage.map((x) => x.toFixed(2)).join(' ')}`,
+    `- Command: \`${r.command}\``,
+    `- Setup: ${setupLine(r)}`,
+    '',
+    markdownTable(phaseRows(r)),
+    '',
+    CEILING_NOTE,
+    '',
+    markdownTable(targetRows(r)),
+    '',
+  ].join('\n');
 }
 
 // --- Main ----------------------------------------------------------------------------------
@@ -679,6 +737,10 @@ async function main(): Promise<number> {
     if (opts.json) {
       writeFileSync(opts.json, JSON.stringify(results, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v), 2) + '\n');
       log(`wrote ${opts.json}`);
+    }
+    if (opts.markdown) {
+      writeFileSync(opts.markdown, markdown(results));
+      log(`wrote ${opts.markdown}`);
     }
     return 0;
   } catch (err) {

@@ -33,6 +33,8 @@ export interface LoadResult {
   /** CPU use during the run, in percent of one core. */
   clientCpuPercent: number;
   serverCpuPercent: number | undefined;
+  /** Whole machine (all processes, all cores), in percent of one core; from /proc/stat. */
+  machineCpuPercent: number | undefined;
 }
 
 /** Options of runClosedLoop. */
@@ -96,18 +98,35 @@ export function processCpuSeconds(pid: number): number | undefined {
   }
 }
 
-/** Measures CPU of this process and, optionally, of another one, between start and stop. */
-export function cpuMeter(otherPid?: number): () => { self: number; other: number | undefined } {
+/** Busy CPU seconds of the whole machine so far (all cores; Linux), or undefined. */
+export function machineBusySeconds(): number | undefined {
+  try {
+    const line = readFileSync('/proc/stat', 'utf8').split('\n')[0] ?? '';
+    // cpu user nice system idle iowait irq softirq steal ...
+    const f = line.trim().split(/\s+/).slice(1).map(Number);
+    if (f.length < 8 || f.some((x) => !Number.isFinite(x))) return undefined;
+    const [user, nice, system, , , irq, softirq, steal] = f as [number, number, number, number, number, number, number, number];
+    return (user + nice + system + irq + softirq + steal) / ticksPerSecond();
+  } catch {
+    return undefined;
+  }
+}
+
+/** Measures CPU of this process, optionally of another one, and of the whole machine. */
+export function cpuMeter(otherPid?: number): () => { self: number; other: number | undefined; machine: number | undefined } {
   const t0 = performance.now();
   const self0 = process.cpuUsage();
   const other0 = otherPid === undefined ? undefined : processCpuSeconds(otherPid);
+  const machine0 = machineBusySeconds();
   return () => {
     const wall = (performance.now() - t0) / 1000;
     const self = process.cpuUsage(self0);
     const other1 = otherPid === undefined ? undefined : processCpuSeconds(otherPid);
+    const machine1 = machineBusySeconds();
     return {
       self: (100 * (self.user + self.system)) / 1e6 / wall,
       other: other0 === undefined || other1 === undefined ? undefined : (100 * (other1 - other0)) / wall,
+      machine: machine0 === undefined || machine1 === undefined ? undefined : (100 * (machine1 - machine0)) / wall,
     };
   };
 }
@@ -154,6 +173,7 @@ export async function runClosedLoop(opts: LoadOptions, call: (i: number) => Prom
     latency: latencyStats(latencies),
     clientCpuPercent: cpu.self,
     serverCpuPercent: cpu.other,
+    machineCpuPercent: cpu.machine,
   };
 }
 

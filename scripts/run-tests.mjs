@@ -209,7 +209,9 @@ async function runParent() {
     }
   };
   // Ctrl-C: let ava stop its workers and report the interrupted tests. Termination: the group.
+  let interrupted = false;
   process.on('SIGINT', () => {
+    interrupted = true;
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGINT');
   });
   for (const signal of ['SIGTERM', 'SIGHUP']) process.on(signal, () => signalGroup(signal));
@@ -235,6 +237,7 @@ async function runParent() {
   }
 
   counter.reconcile();
+  if (interrupted) notes.push('interrupted (SIGINT)');
   if (status.error) notes.push(`cannot run ava: ${status.error.message}`);
   else if (status.signal) notes.push(`ava was killed by ${status.signal}`);
   else if (counter.plan === undefined) notes.push(`ava ended without its final report (exit code ${status.code}); results are incomplete`);

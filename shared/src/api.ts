@@ -13,7 +13,24 @@ export {
   Guest,
   Host,
   PageRequest,
+  VolumeReport,
 } from './gen/virtkm/v1/types.js';
+export {
+  AgentServiceClient,
+  AgentServiceService,
+  type AgentServiceServer,
+  ConnectRequest,
+  ConnectResponse,
+  AgentHello,
+  DesiredState,
+  DesiredGuest,
+  DesiredVolume,
+  HostReport,
+  GuestStatus,
+  VolumeStatus,
+  GuestPhase,
+  VolumePhase,
+} from './gen/virtkm/v1/agent_service.js';
 export {
   VolumeServiceClient,
   VolumeServiceService,

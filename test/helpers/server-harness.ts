@@ -96,6 +96,19 @@ export async function startServer(dataDir: string, extraArgs: string[] = []): Pr
   };
 }
 
+/**
+ * Waits until the server's log matches `re` (stderr and stdout are separate pipes: a log
+ * line written before the ready line may arrive after it).
+ */
+export async function waitForLog(server: ServerProcess, re: RegExp, timeoutMs = 10_000): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  while (!re.test(server.logs())) {
+    if (Date.now() > deadline) throw new Error(`log never matched ${re}: ${server.logs()}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return server.logs();
+}
+
 /** Runs the CLI in-process. */
 export async function cli(args: string[], env: Record<string, string | undefined> = {}): Promise<RunResult> {
   let stdout = '';

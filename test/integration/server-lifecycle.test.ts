@@ -5,7 +5,7 @@
 import test from 'ava';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { cli, initDataDir, runServerCommand, startServer, tempDir } from '../helpers/server-harness.js';
+import { cli, initDataDir, runServerCommand, startServer, tempDir, waitForLog } from '../helpers/server-harness.js';
 
 test('a passphrase-sealed server starts only with the right passphrase and keeps its data across restarts', async (t) => {
   const dir = tempDir();
@@ -24,7 +24,7 @@ test('a passphrase-sealed server starts only with the right passphrase and keeps
     const run = (...args: string[]) => cli(['--server', server.address, '--credentials', join(data, 'admin.pem'), ...args]);
     t.is((await run('volume', 'create', 'kept', '--size', '1G', '--format', 'luks')).code, 0);
     t.is(await server.stop(), 0, 'SIGTERM shuts down cleanly');
-    t.regex(server.logs(), /"msg":"stopped"/);
+    t.regex(await waitForLog(server, /"msg":"stopped"/), /"msg":"stopped"/);
 
     server = await startServer(data, ['--passphrase-file', good]);
     const shown = await run('volume', 'show', 'kept', '--json');
@@ -45,7 +45,7 @@ test('the server process is non-dumpable and reports that its memory is not lock
     initDataDir(data);
     const server = await startServer(data);
     const status = readFileSync(`/proc/${server.proc.pid}/status`, 'utf8');
-    t.regex(server.logs(), /"msg":"starting".*"dumpable":false,"memory_locked":false/);
+    t.regex(await waitForLog(server, /"msg":"starting"/), /"msg":"starting".*"dumpable":false,"memory_locked":false/);
     t.is(Number(/VmLck:\s+(\d+)/.exec(status)?.[1] ?? '-1'), 0, 'no memory is locked');
     t.is(await server.stop(), 0);
   } finally {

@@ -82,6 +82,7 @@ function host(name: string, over: Partial<HostRecord> = {}): HostRecord {
     enrolledAt: NOW,
     revokedAt: null,
     lastSeenAt: null,
+    desiredRevision: 0,
     ...over,
   };
 }
@@ -97,6 +98,7 @@ function guest(name: string, over: Partial<GuestRecord> = {}): GuestRecord {
     updatedAt: NOW,
     generation: 1,
     volumeIds: [],
+    handoffFromHostId: null,
     ...over,
   };
 }

@@ -6,6 +6,7 @@
 import { Server, type ServerCredentials } from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 import {
+  AgentServiceService,
   AuditServiceService,
   CredentialServiceService,
   EnrollmentServiceService,
@@ -17,6 +18,8 @@ import {
 import type { Logger } from '../../../shared/src/log.js';
 import type { Clock } from '../domain/clock.js';
 import type { CertificateIssuer } from '../pki/issuer.js';
+import { createAgentHub } from '../agent/agent-hub.js';
+import { createAgentService, createDesiredStateBuilder } from '../agent/agent-service.js';
 import { createAuditService } from '../rpc/audit-service.js';
 import { createCredentialService } from '../rpc/credential-service.js';
 import { createEnrollmentService } from '../rpc/enrollment-service.js';
@@ -97,9 +100,15 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
   const main = new Server(opts);
   const enrollAddressPlaceholder = { value: '' };
   const ctx = { store: deps.store, logger: deps.logger.child('rpc') };
+  // Key packets carried on each host's current stream, so a report can ask for the rest.
+  const sentPackets = new Map<string, Set<string>>();
+  const sentFor = (hostId: string) => sentPackets.get(hostId) ?? sentPackets.set(hostId, new Set()).get(hostId)!;
+  const agentDeps = { ...ctx, vault: deps.vault, clock: deps.clock };
+  const hub = createAgentHub(createDesiredStateBuilder(agentDeps, sentFor), deps.logger.child('agents'));
+  main.addService(AgentServiceService, createAgentService({ ...agentDeps, hub }, sentFor));
   main.addService(VolumeServiceService, createVolumeService({ ...ctx, vault: deps.vault, clock: deps.clock }));
-  main.addService(GuestServiceService, createGuestService({ ...ctx, clock: deps.clock }));
-  const hostDeps = { ...ctx, clock: deps.clock, issuer: deps.issuer, enrollAddress: '' };
+  main.addService(GuestServiceService, createGuestService({ ...ctx, clock: deps.clock, notifier: hub }));
+  const hostDeps = { ...ctx, clock: deps.clock, issuer: deps.issuer, enrollAddress: '', hub };
   main.addService(HostServiceService, createHostService(hostDeps));
   main.addService(CredentialServiceService, createCredentialService({ ...ctx, clock: deps.clock, issuer: deps.issuer }));
   main.addService(KeyServiceService, createKeyService({ ...ctx, vault: deps.vault, clock: deps.clock }));
@@ -127,6 +136,8 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
     async shutdown(graceMs) {
       if (state === 'draining' || state === 'stopped') return;
       state = 'draining';
+      // Agents reconnect with backoff to whichever server comes back.
+      hub.closeAll(14 /* UNAVAILABLE */, 'server is shutting down');
       health.setStatus('', 'NOT_SERVING');
       health.setStatus('virtkm.v1.KeyService', 'NOT_SERVING');
       await Promise.all([shutdownServer(main, graceMs), enrollServer ? shutdownServer(enrollServer, graceMs) : Promise.resolve()]);

@@ -83,6 +83,11 @@ export function guestView(g: Guest, withXml: boolean) {
     autostart: g.autostart,
     volume_ids: g.volumeIds,
     generation: g.generation.toString(),
+    phase: g.phase,
+    phase_reason: g.phaseReason,
+    reported_at: g.reportedAt,
+    handoff_from: g.handoffFrom,
+    volume_reports: g.volumeReports.map((r) => ({ volume_id: r.volumeId, host: r.host, phase: r.phase, key_version: r.keyVersion, reason: r.reason, reported_at: r.reportedAt })),
     created_at: g.createdAt,
     updated_at: g.updatedAt,
     ...(withXml ? { domain_xml: g.domainXml } : {}),
@@ -99,6 +104,10 @@ export function hostView(h: Host) {
     revoked_at: h.revokedAt,
     last_seen_at: h.lastSeenAt,
     guests: h.guestCount,
+    connected: h.connected,
+    agent_version: h.agentVersion,
+    desired_revision: h.desiredRevision.toString(),
+    applied_revision: h.appliedRevision.toString(),
     box_key_sha256: h.boxKeyFingerprint,
   };
 }

@@ -189,7 +189,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
         all.push(...res.guests.map((g) => guestView(g, false)));
         token = res.nextPageToken;
       } while (token);
-      out(!!o.json, all, () => table(['NAME', 'ID', 'HOST', 'AUTOSTART', 'VOLUMES', 'GEN'], all.map((g) => [g.name, g.id, g.host || '-', g.autostart ? 'yes' : 'no', String(g.volume_ids.length), g.generation])));
+      out(!!o.json, all, () => table(['NAME', 'ID', 'HOST', 'STATE', 'AUTOSTART', 'VOLUMES', 'GEN'], all.map((g) => [g.name, g.id, g.host || '-', g.phase || '-', g.autostart ? 'yes' : 'no', String(g.volume_ids.length), g.generation])));
     });
   guest
     .command('show <guest>')
@@ -199,7 +199,19 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
       const res = await rpc((c) => c.guests.getGuest.bind(c.guests), { guest: ref });
       const g = guestView(res.guest!, true);
       out(!!o.json, g, () =>
-        [`name:       ${g.name}`, `id:         ${g.id}`, `host:       ${g.host || '-'}`, `autostart:  ${g.autostart ? 'yes' : 'no'}`, `volumes:    ${g.volume_ids.join(', ')}`, `generation: ${g.generation}`, `updated:    ${g.updated_at}`, '', g.domain_xml ?? ''].join('\n') + '\n',
+        [
+          `name:       ${g.name}`,
+          `id:         ${g.id}`,
+          `host:       ${g.host || '-'}${g.handoff_from ? ` (moving from ${g.handoff_from})` : ''}`,
+          `state:      ${g.phase || 'not reported yet'}${g.phase_reason ? ` (${g.phase_reason})` : ''}${g.reported_at ? ` at ${g.reported_at}` : ''}`,
+          `autostart:  ${g.autostart ? 'yes' : 'no'}`,
+          `volumes:    ${g.volume_ids.join(', ')}`,
+          ...g.volume_reports.map((r) => `  ${r.volume_id} on ${r.host}: ${r.phase} (key v${r.key_version})${r.reason ? ` ${r.reason}` : ''}`),
+          `generation: ${g.generation}`,
+          `updated:    ${g.updated_at}`,
+          '',
+          g.domain_xml ?? '',
+        ].join('\n') + '\n',
       );
     });
   guest
@@ -247,7 +259,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
         all.push(...res.hosts.map(hostView));
         tok = res.nextPageToken;
       } while (tok);
-      out(!!o.json, all, () => table(['NAME', 'ID', 'STATE', 'GUESTS', 'LAST SEEN'], all.map((h) => [h.name, h.id, h.state, String(h.guests), h.last_seen_at || '-'])));
+      out(!!o.json, all, () => table(['NAME', 'ID', 'STATE', 'AGENT', 'GUESTS', 'LAST SEEN'], all.map((h) => [h.name, h.id, h.state, h.connected ? 'connected' : 'offline', String(h.guests), h.last_seen_at || '-'])));
     });
   host
     .command('show <host>')

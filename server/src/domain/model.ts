@@ -49,6 +49,8 @@ export interface GuestRecord {
   generation: number;
   /** Volume ids in the order given at definition. */
   volumeIds: string[];
+  /** While a move hands the guest over: the host it leaves, wiped once the new host confirms. */
+  handoffFromHostId: string | null;
 }
 
 /** An enrolled (or revoked) libvirt host. */
@@ -63,6 +65,30 @@ export interface HostRecord {
   enrolledAt: string;
   revokedAt: string | null;
   lastSeenAt: string | null;
+  /** Increases whenever the host's desired state changes (guests placed on it, keys). */
+  desiredRevision: number;
+}
+
+/** What a host last reported about a guest. */
+export interface GuestStatusRecord {
+  guestId: string;
+  hostId: string;
+  generation: number;
+  /** pending, defined, running, stopped, failed, wiped. */
+  phase: string;
+  reason: string;
+  reportedAt: string;
+}
+
+/** What a host last reported about a volume. */
+export interface VolumeStatusRecord {
+  volumeId: string;
+  hostId: string;
+  keyVersion: number;
+  /** pending, ready, missing, wrong_key, failed, wiped. */
+  phase: string;
+  reason: string;
+  reportedAt: string;
 }
 
 /** A one-time enrollment token. Only a hash of its secret part is stored. */

@@ -3,7 +3,8 @@
  */
 import { HostState, KeyState, Role, VolumeFormat, type Guest, type Host, type Volume } from '../../../shared/src/api.js';
 import { errors } from '../../../shared/src/errors.js';
-import type { GuestRecord, HostRecord, KeyStateName, KeyVersionRecord, RoleName, VolumeFormatName, VolumeRecord } from '../domain/model.js';
+import type { HostConnection } from '../agent/agent-hub.js';
+import type { GuestRecord, GuestStatusRecord, HostRecord, VolumeStatusRecord, KeyStateName, KeyVersionRecord, RoleName, VolumeFormatName, VolumeRecord } from '../domain/model.js';
 import { FORMAT_TO_API } from '../vault/key-vault.js';
 import { createHash } from 'node:crypto';
 
@@ -53,23 +54,39 @@ export function volumeToApi(v: VolumeRecord, keys: KeyVersionRecord[], guestName
   };
 }
 
-/** A guest as the API shows it; hostName resolves the placement. */
-export function guestToApi(g: GuestRecord, hostName: string): Guest {
+/** What guestToApi reads besides the guest. */
+export interface GuestViewSource {
+  getHost(id: string): HostRecord | undefined;
+  guestStatuses(guestId: string): GuestStatusRecord[];
+  volumeStatuses(volumeId: string): VolumeStatusRecord[];
+}
+
+/** A guest as the API shows it, with what its host last reported. */
+export function guestToApi(g: GuestRecord, src: GuestViewSource): Guest {
+  const hostName = (id: string | null) => (id === null ? '' : (src.getHost(id)?.name ?? ''));
+  const status = g.hostId === null ? undefined : src.guestStatuses(g.id).find((s) => s.hostId === g.hostId);
   return {
     id: g.id,
     name: g.name,
     domainXml: g.domainXml,
     volumeIds: g.volumeIds,
-    host: hostName,
+    host: hostName(g.hostId),
     autostart: g.autostart,
     createdAt: g.createdAt,
     updatedAt: g.updatedAt,
     generation: BigInt(g.generation),
+    phase: status?.phase ?? '',
+    phaseReason: status?.reason ?? '',
+    reportedAt: status?.reportedAt ?? '',
+    volumeReports: g.volumeIds.flatMap((id) =>
+      src.volumeStatuses(id).map((v) => ({ volumeId: id, host: hostName(v.hostId), phase: v.phase, keyVersion: v.keyVersion, reason: v.reason, reportedAt: v.reportedAt })),
+    ),
+    handoffFrom: hostName(g.handoffFromHostId),
   };
 }
 
 /** A host as the API shows it. */
-export function hostToApi(h: HostRecord, guestCount: number): Host {
+export function hostToApi(h: HostRecord, guestCount: number, conn: HostConnection): Host {
   return {
     id: h.id,
     name: h.name,
@@ -79,5 +96,9 @@ export function hostToApi(h: HostRecord, guestCount: number): Host {
     boxKeyFingerprint: createHash('sha256').update(h.boxPublicKey).digest('hex'),
     lastSeenAt: h.lastSeenAt ?? '',
     guestCount,
+    connected: conn.connected,
+    agentVersion: conn.agentVersion,
+    desiredRevision: BigInt(h.desiredRevision),
+    appliedRevision: BigInt(conn.appliedRevision),
   };
 }

@@ -55,6 +55,7 @@ export function createEnrollmentService(deps: EnrollmentServiceDeps): Enrollment
         enrolledAt: at,
         revokedAt: null,
         lastSeenAt: at,
+        desiredRevision: existing?.desiredRevision ?? 0,
       };
       if (existing) tx.updateHost(h);
       else tx.insertHost(h);

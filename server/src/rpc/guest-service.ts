@@ -9,6 +9,7 @@ import type { Clock } from '../domain/clock.js';
 import { checkDomainXml } from '../domain/domain-xml.js';
 import type { GuestRecord } from '../domain/model.js';
 import { checkName, pageSize } from '../domain/volume-spec.js';
+import type { HostChangeNotifier } from '../agent/agent-hub.js';
 import { actorOf } from './auth.js';
 import { guestToApi } from './convert.js';
 import { unary, type RpcContext } from './handler.js';
@@ -17,6 +18,8 @@ import { hostNameOf, resolveEnrolledHost, resolveGuest, resolveHost, resolveVolu
 /** Dependencies of the guest service. */
 export interface GuestServiceDeps extends RpcContext {
   clock: Clock;
+  /** Told which hosts' desired state changed, after the change is committed. */
+  notifier: HostChangeNotifier;
 }
 
 const ROLES = ['admin', 'frontend'] as const;
@@ -24,8 +27,8 @@ const MAX_VOLUMES = 64;
 
 /** Creates the grpc-js implementation of GuestService. */
 export function createGuestService(deps: GuestServiceDeps): GuestServiceServer {
-  const { store, clock } = deps;
-  const show = (g: GuestRecord) => guestToApi(g, hostNameOf(store, g.hostId));
+  const { store, clock, notifier } = deps;
+  const show = (g: GuestRecord) => guestToApi(g, store);
 
   return {
     defineGuest: unary(deps, 'DefineGuest', ROLES, async (req, p) => {
@@ -58,13 +61,16 @@ export function createGuestService(deps: GuestServiceDeps): GuestServiceServer {
           updatedAt: now,
           generation: (existing?.generation ?? 0) + 1,
           volumeIds: fromXml,
+          handoffFromHostId: existing?.handoffFromHostId ?? null,
         };
         // Volumes may have been deleted since they were resolved above.
         for (const id of fromXml) if (!tx.getVolume(id)) throw errors.notFound('volume');
         tx.upsertGuest(g);
+        for (const h of new Set([g.hostId, existing?.hostId, g.handoffFromHostId])) if (h) tx.bumpHostRevision(h);
         tx.appendAudit({ actor: actorOf(p), action: existing ? 'guest.redefine' : 'guest.define', target: g.id, outcome: 'ok', detail: { name, host: req.host || null, volumes: fromXml.join(','), autostart: req.autostart } });
         return g;
       });
+      notifier.hostsChanged([guest.hostId, guest.handoffFromHostId]);
       return { guest: show(guest) };
     }),
     getGuest: unary(deps, 'GetGuest', ROLES, (req) => ({ guest: show(resolveGuest(store, req.guest)) })),
@@ -85,17 +91,25 @@ export function createGuestService(deps: GuestServiceDeps): GuestServiceServer {
       const moved = await store.write((tx) => {
         const current = tx.getGuest(g.id);
         if (!current) throw errors.notFound(`guest "${g.name}"`);
-        const next: GuestRecord = { ...current, hostId: to.id, updatedAt: clock.now().toISOString(), generation: current.generation + 1 };
+        if (current.handoffFromHostId !== null) {
+          throw errors.precondition(`guest "${g.name}" is still being moved`, { hint: 'wait until the destination host confirms (see `virtkm guest show`)' });
+        }
+        // The source keeps the guest (stopped, keys kept) until the destination confirms;
+        // an unplaced guest has no source to hand over from.
+        const next: GuestRecord = { ...current, hostId: to.id, handoffFromHostId: current.hostId, updatedAt: clock.now().toISOString(), generation: current.generation + 1 };
         tx.upsertGuest(next);
+        for (const h of [current.hostId, to.id]) if (h) tx.bumpHostRevision(h);
         tx.appendAudit({ actor: actorOf(p), action: 'guest.move', target: g.id, outcome: 'ok', detail: { name: g.name, from: from || null, to: to.name } });
         return next;
       });
+      notifier.hostsChanged([moved.hostId, moved.handoffFromHostId]);
       return { guest: show(moved) };
     }),
     deleteGuest: unary(deps, 'DeleteGuest', ROLES, async (req, p) => {
       const g = resolveGuest(store, req.guest);
       await store.write((tx) => {
         tx.deleteGuest(g.id);
+        for (const h of new Set([g.hostId, g.handoffFromHostId])) if (h) tx.bumpHostRevision(h);
         const shredded: string[] = [];
         if (req.deleteVolumes) {
           for (const id of g.volumeIds) {
@@ -108,6 +122,7 @@ export function createGuestService(deps: GuestServiceDeps): GuestServiceServer {
         tx.appendAudit({ actor: actorOf(p), action: 'guest.delete', target: g.id, outcome: 'ok', detail: { name: g.name, volumes_deleted: shredded.join(',') } });
         for (const id of shredded) tx.appendAudit({ actor: actorOf(p), action: 'volume.delete', target: id, outcome: 'ok', detail: { crypto_shredded: true, with_guest: g.name } });
       });
+      notifier.hostsChanged([g.hostId, g.handoffFromHostId]);
       return {};
     }),
   };

@@ -12,6 +12,7 @@ import { actorOf } from './auth.js';
 import { hostToApi } from './convert.js';
 import { unary, type RpcContext } from './handler.js';
 import { resolveHost } from './resolve.js';
+import type { AgentHub } from '../agent/agent-hub.js';
 import { formatEnrollmentToken } from '../../../shared/src/enrollment-token.js';
 
 /** Dependencies of the host service. */
@@ -20,6 +21,8 @@ export interface HostServiceDeps extends RpcContext {
   issuer: CertificateIssuer;
   /** Address agents enroll at, reported with new tokens ("" when unknown). */
   enrollAddress: string;
+  /** Connection state of agents, and the hub to close a revoked host's stream. */
+  hub: AgentHub;
 }
 
 const ROLES = ['admin'] as const;
@@ -29,7 +32,7 @@ const MAX_TOKEN_TTL_S = 7 * 24 * 3600;
 /** Creates the grpc-js implementation of HostService. */
 export function createHostService(deps: HostServiceDeps): HostServiceServer {
   const { store, clock, issuer } = deps;
-  const show = (h: HostRecord) => hostToApi(h, store.countGuestsOnHost(h.id));
+  const show = (h: HostRecord) => hostToApi(h, store.countGuestsOnHost(h.id), deps.hub.connection(h.id));
   return {
     createEnrollmentToken: unary(deps, 'CreateEnrollmentToken', ROLES, async (req, p) => {
       const hostName = checkName('host', req.host);
@@ -67,6 +70,9 @@ export function createHostService(deps: HostServiceDeps): HostServiceServer {
         tx.revokeCertificate(h.certSerial, revokedAt);
         tx.appendAudit({ actor: actorOf(p), action: 'host.revoke', target: h.id, outcome: 'ok', detail: { name: h.name, serial: h.certSerial } });
       });
+      deps.hub.hostRevoked(h.id);
+      // Moves away from the revoked host may now complete.
+      deps.hub.hostsChanged(store.guestsForHost(h.id).filter((g) => g.handoffFromHostId === h.id).map((g) => g.hostId));
       return { host: show(revoked) };
     }),
   };

@@ -137,6 +137,39 @@ CREATE TABLE settings (
 ) STRICT;
 `,
   },
+  {
+    version: 2,
+    name: 'agent-stream',
+    // What hosts report, the per-host desired-state revision, and the source host of a
+    // guest being handed over by a move.
+    sql: `
+ALTER TABLE guests ADD COLUMN handoff_from_host_id TEXT REFERENCES hosts(id);
+ALTER TABLE hosts ADD COLUMN desired_revision INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX guests_by_handoff ON guests(handoff_from_host_id);
+
+CREATE TABLE guest_status (
+  guest_id    TEXT NOT NULL REFERENCES guests(id) ON DELETE CASCADE,
+  host_id     TEXT NOT NULL REFERENCES hosts(id),
+  generation  INTEGER NOT NULL,
+  phase       TEXT NOT NULL,
+  reason      TEXT NOT NULL,
+  reported_at TEXT NOT NULL,
+  PRIMARY KEY (guest_id, host_id)
+) STRICT;
+CREATE INDEX guest_status_by_host ON guest_status(host_id);
+
+CREATE TABLE volume_status (
+  volume_id   TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+  host_id     TEXT NOT NULL REFERENCES hosts(id),
+  key_version INTEGER NOT NULL,
+  phase       TEXT NOT NULL,
+  reason      TEXT NOT NULL,
+  reported_at TEXT NOT NULL,
+  PRIMARY KEY (volume_id, host_id)
+) STRICT;
+CREATE INDEX volume_status_by_host ON volume_status(host_id);
+`,
+  },
 ]);
 
 /** The schema version this code writes: the newest migration's version. */

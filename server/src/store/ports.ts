@@ -11,11 +11,13 @@ import type {
   CertificateRecord,
   EnrollmentTokenRecord,
   GuestRecord,
+  GuestStatusRecord,
   HostRecord,
   KeyVersionRecord,
   Page,
   VolumeFormatName,
   VolumeRecord,
+  VolumeStatusRecord,
 } from '../domain/model.js';
 
 /** Filters and paging for listVolumes. */
@@ -76,6 +78,13 @@ export interface StoreReader {
    */
   isVolumePlacedOnHost(volumeId: string, hostId: string): boolean;
 
+  /** Guests placed on the host or being handed over from it, by name. */
+  guestsForHost(hostId: string): GuestRecord[];
+  /** What hosts reported about a guest (one row per host). */
+  guestStatuses(guestId: string): GuestStatusRecord[];
+  /** What hosts reported about a volume (one row per host). */
+  volumeStatuses(volumeId: string): VolumeStatusRecord[];
+
   getHost(id: string): HostRecord | undefined;
   getHostByName(name: string): HostRecord | undefined;
   listHosts(pageSize: number, pageToken: string): Page<HostRecord>;
@@ -106,6 +115,10 @@ export interface StoreWriter extends StoreReader {
   insertHost(h: HostRecord): void;
   updateHost(h: HostRecord): void;
   touchHost(id: string, lastSeenAt: string): void;
+  /** Increments and returns the host's desired-state revision. */
+  bumpHostRevision(id: string): number;
+  /** Replaces everything the host reported with this report. */
+  replaceHostReport(hostId: string, guests: GuestStatusRecord[], volumes: VolumeStatusRecord[]): void;
 
   insertEnrollmentToken(t: EnrollmentTokenRecord): void;
   /** Marks a token used; returns false when it was used already (single use). */

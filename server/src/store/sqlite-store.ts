@@ -29,6 +29,8 @@ import type {
   CertificateRecord,
   EnrollmentTokenRecord,
   GuestRecord,
+  GuestStatusRecord,
+  VolumeStatusRecord,
   HostRecord,
   KeyVersionRecord,
   Page,
@@ -124,6 +126,7 @@ interface GuestRow {
   created_at: string;
   updated_at: string;
   generation: number;
+  handoff_from_host_id: string | null;
 }
 
 interface HostRow {
@@ -135,6 +138,25 @@ interface HostRow {
   enrolled_at: string;
   revoked_at: string | null;
   last_seen_at: string | null;
+  desired_revision: number;
+}
+
+interface GuestStatusRow {
+  guest_id: string;
+  host_id: string;
+  generation: number;
+  phase: string;
+  reason: string;
+  reported_at: string;
+}
+
+interface VolumeStatusRow {
+  volume_id: string;
+  host_id: string;
+  key_version: number;
+  phase: string;
+  reason: string;
+  reported_at: string;
 }
 
 interface TokenRow {
@@ -172,8 +194,8 @@ type NameUpperBound = string | Buffer;
 
 const VOLUME_COLS = 'id, name, size_bytes, format, cipher, key_size_bits, sector_size, active_version, created_at';
 const KEY_COLS = 'volume_id, version, state, sealed, created_at';
-const GUEST_COLS = 'id, name, domain_xml, host_id, autostart, created_at, updated_at, generation';
-const HOST_COLS = 'id, name, state, box_public_key, cert_serial, enrolled_at, revoked_at, last_seen_at';
+const GUEST_COLS = 'id, name, domain_xml, host_id, autostart, created_at, updated_at, generation, handoff_from_host_id';
+const HOST_COLS = 'id, name, state, box_public_key, cert_serial, enrolled_at, revoked_at, last_seen_at, desired_revision';
 const TOKEN_COLS = 'id, host_name, secret_hash, created_at, expires_at, used_at, created_by';
 const CERT_COLS = 'serial, role, name, issued_at, expires_at, revoked_at';
 const AUDIT_COLS = 'seq, time, actor, action, target, outcome, detail_json, prev_hash, hash';
@@ -253,13 +275,28 @@ function prepareStatements(db: Database.Database) {
       )
       .pluck(),
     countGuestsOnHost: db.prepare<[string], number>('SELECT count(*) FROM guests WHERE host_id = ?').pluck(),
-    upsertGuest: db.prepare<[string, string, string, string | null, number, string, string, number]>(
-      `INSERT INTO guests (${GUEST_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    upsertGuest: db.prepare<[string, string, string, string | null, number, string, string, number, string | null]>(
+      `INSERT INTO guests (${GUEST_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
        ON CONFLICT (id) DO UPDATE SET
          name = excluded.name, domain_xml = excluded.domain_xml, host_id = excluded.host_id,
          autostart = excluded.autostart, created_at = excluded.created_at,
-         updated_at = excluded.updated_at, generation = excluded.generation`,
+         updated_at = excluded.updated_at, generation = excluded.generation,
+         handoff_from_host_id = excluded.handoff_from_host_id`,
     ),
+    guestsForHost: db.prepare<[string, string], GuestRow>(
+      `SELECT ${GUEST_COLS} FROM guests WHERE host_id = ? OR handoff_from_host_id = ? ORDER BY name`,
+    ),
+    guestStatuses: db.prepare<[string], GuestStatusRow>('SELECT guest_id, host_id, generation, phase, reason, reported_at FROM guest_status WHERE guest_id = ? ORDER BY host_id'),
+    volumeStatuses: db.prepare<[string], VolumeStatusRow>('SELECT volume_id, host_id, key_version, phase, reason, reported_at FROM volume_status WHERE volume_id = ? ORDER BY host_id'),
+    deleteGuestStatusOfHost: db.prepare<[string]>('DELETE FROM guest_status WHERE host_id = ?'),
+    deleteVolumeStatusOfHost: db.prepare<[string]>('DELETE FROM volume_status WHERE host_id = ?'),
+    insertGuestStatus: db.prepare<[string, string, number, string, string, string]>(
+      'INSERT OR REPLACE INTO guest_status (guest_id, host_id, generation, phase, reason, reported_at) SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM guests WHERE id = ?1)',
+    ),
+    insertVolumeStatus: db.prepare<[string, string, number, string, string, string]>(
+      'INSERT OR REPLACE INTO volume_status (volume_id, host_id, key_version, phase, reason, reported_at) SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM volumes WHERE id = ?1)',
+    ),
+    bumpHostRevision: db.prepare<[string], number>('UPDATE hosts SET desired_revision = desired_revision + 1 WHERE id = ? RETURNING desired_revision').pluck(),
     deleteGuestLinks: db.prepare<[string]>('DELETE FROM guest_volumes WHERE guest_id = ?'),
     insertGuestLink: db.prepare<[string, string, number]>('INSERT INTO guest_volumes (guest_id, volume_id, position) VALUES (?, ?, ?)'),
     deleteGuest: db.prepare<[string]>('DELETE FROM guests WHERE id = ?'),
@@ -270,12 +307,13 @@ function prepareStatements(db: Database.Database) {
     listHosts: db.prepare<[string, NameUpperBound, number], HostRow>(
       `SELECT ${HOST_COLS} FROM hosts WHERE name >= ? AND name < ? ORDER BY name LIMIT ?`,
     ),
-    insertHost: db.prepare<[string, string, string, Buffer, string, string, string | null, string | null]>(
-      `INSERT INTO hosts (${HOST_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+    insertHost: db.prepare<[string, string, string, Buffer, string, string, string | null, string | null, number]>(
+      `INSERT INTO hosts (${HOST_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     ),
-    updateHost: db.prepare<[string, string, Buffer, string, string, string | null, string | null, string]>(
+    // desired_revision only grows: an update never lowers it.
+    updateHost: db.prepare<[string, string, Buffer, string, string, string | null, string | null, number, string]>(
       `UPDATE hosts SET name = ?, state = ?, box_public_key = ?, cert_serial = ?, enrolled_at = ?,
-                        revoked_at = ?, last_seen_at = ?
+                        revoked_at = ?, last_seen_at = ?, desired_revision = max(desired_revision, ?)
         WHERE id = ?`,
     ),
     touchHost: db.prepare<[string, string]>('UPDATE hosts SET last_seen_at = ? WHERE id = ?'),
@@ -373,7 +411,16 @@ function toHost(r: HostRow): HostRecord {
     enrolledAt: r.enrolled_at,
     revokedAt: r.revoked_at,
     lastSeenAt: r.last_seen_at,
+    desiredRevision: r.desired_revision,
   };
+}
+
+function toGuestStatus(r: GuestStatusRow): GuestStatusRecord {
+  return { guestId: r.guest_id, hostId: r.host_id, generation: r.generation, phase: r.phase, reason: r.reason, reportedAt: r.reported_at };
+}
+
+function toVolumeStatus(r: VolumeStatusRow): VolumeStatusRecord {
+  return { volumeId: r.volume_id, hostId: r.host_id, keyVersion: r.key_version, phase: r.phase, reason: r.reason, reportedAt: r.reported_at };
 }
 
 function toToken(r: TokenRow): EnrollmentTokenRecord {
@@ -779,6 +826,18 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     return toPage(rows.map(toHost), limit, (h) => encodePageToken('host', h.name));
   }
 
+  guestsForHost(hostId: string): GuestRecord[] {
+    return this.#s.guestsForHost.all(hostId, hostId).map((r) => this.#toGuest(r));
+  }
+
+  guestStatuses(guestId: string): GuestStatusRecord[] {
+    return this.#s.guestStatuses.all(guestId).map(toGuestStatus);
+  }
+
+  volumeStatuses(volumeId: string): VolumeStatusRecord[] {
+    return this.#s.volumeStatuses.all(volumeId).map(toVolumeStatus);
+  }
+
   countGuestsOnHost(hostId: string): number {
     return this.#s.countGuestsOnHost.get(hostId) ?? 0;
   }
@@ -829,6 +888,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
       updatedAt: r.updated_at,
       generation: r.generation,
       volumeIds: this.#s.guestVolumeIds.all(r.id),
+      handoffFromHostId: r.handoff_from_host_id,
     };
   }
 
@@ -889,7 +949,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     if (new Set(g.volumeIds).size !== g.volumeIds.length) throw errors.invalid('a volume is listed twice for the guest');
     run(
       () =>
-        this.#s.upsertGuest.run(g.id, g.name, g.domainXml, g.hostId, g.autostart ? 1 : 0, g.createdAt, g.updatedAt, g.generation),
+        this.#s.upsertGuest.run(g.id, g.name, g.domainXml, g.hostId, g.autostart ? 1 : 0, g.createdAt, g.updatedAt, g.generation, g.handoffFromHostId),
       { unique: 'guest name', foreign: 'host' },
     );
     // Links are replaced as a whole; position keeps the order given at definition.
@@ -909,7 +969,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     this.#assertInUnit();
     run(
       () =>
-        this.#s.insertHost.run(h.id, h.name, h.state, blob(h.boxPublicKey), h.certSerial, h.enrolledAt, h.revokedAt, h.lastSeenAt),
+        this.#s.insertHost.run(h.id, h.name, h.state, blob(h.boxPublicKey), h.certSerial, h.enrolledAt, h.revokedAt, h.lastSeenAt, h.desiredRevision),
       { unique: 'host name', primary: 'host' },
     );
   }
@@ -919,12 +979,28 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     let changes = 0;
     run(
       () => {
-        changes = this.#s.updateHost.run(h.name, h.state, blob(h.boxPublicKey), h.certSerial, h.enrolledAt, h.revokedAt, h.lastSeenAt, h.id)
+        changes = this.#s.updateHost.run(h.name, h.state, blob(h.boxPublicKey), h.certSerial, h.enrolledAt, h.revokedAt, h.lastSeenAt, h.desiredRevision, h.id)
           .changes;
       },
       { unique: 'host name' },
     );
     if (changes === 0) throw errors.notFound('host');
+  }
+
+  bumpHostRevision(id: string): number {
+    this.#assertInUnit();
+    const revision = this.#s.bumpHostRevision.get(id);
+    if (revision === undefined) throw errors.notFound('host');
+    return revision;
+  }
+
+  replaceHostReport(hostId: string, guests: GuestStatusRecord[], volumes: VolumeStatusRecord[]): void {
+    this.#assertInUnit();
+    this.#s.deleteGuestStatusOfHost.run(hostId);
+    this.#s.deleteVolumeStatusOfHost.run(hostId);
+    // Rows about guests or volumes deleted meanwhile are dropped (the WHERE EXISTS).
+    for (const g of guests) this.#s.insertGuestStatus.run(g.guestId, hostId, g.generation, g.phase, g.reason, g.reportedAt);
+    for (const v of volumes) this.#s.insertVolumeStatus.run(v.volumeId, hostId, v.keyVersion, v.phase, v.reason, v.reportedAt);
   }
 
   touchHost(id: string, lastSeenAt: string): void {

@@ -1,0 +1,231 @@
+/**
+ * AgentService.Connect: the long-lived stream of each host's agent. The server pushes the
+ * host's desired state (with key packets sealed to the host, each release audited before
+ * it is sent) and stores what the agent reports; a report can complete a move.
+ */
+import type { ServerDuplexStream } from '@grpc/grpc-js';
+import {
+  GuestPhase,
+  VolumePhase,
+  type AgentServiceServer,
+  type ConnectRequest,
+  type ConnectResponse,
+  type DesiredState,
+  type HostReport,
+  type SealedKeyPacket,
+} from '../../../shared/src/api.js';
+import { boxRecipient, type BoxRecipient } from '../../../shared/src/box.js';
+import { errors, toWireError } from '../../../shared/src/errors.js';
+import { describeError } from '../../../shared/src/log.js';
+import type { Clock } from '../domain/clock.js';
+import type { GuestStatusRecord, HostRecord, VolumeRecord, VolumeStatusRecord } from '../domain/model.js';
+import { authenticate, type Principal } from '../rpc/auth.js';
+import type { RpcContext } from '../rpc/handler.js';
+import type { KeyVault } from '../vault/key-vault.js';
+import type { AgentHub, AgentSession } from './agent-hub.js';
+import { buildDesiredState, isHandoffComplete } from './desired-state.js';
+
+/** Dependencies of the agent service. */
+export interface AgentServiceDeps extends RpcContext {
+  vault: KeyVault;
+  clock: Clock;
+  hub: AgentHub;
+}
+
+/** Most guests or volumes one report may list. */
+const MAX_REPORT_ITEMS = 10_000;
+const MAX_REASON = 500;
+/** How long a new stream may take to say hello. */
+const HELLO_TIMEOUT_MS = 15_000;
+
+const GUEST_PHASE_NAMES: Readonly<Record<number, string>> = {
+  [GuestPhase.GUEST_PHASE_PENDING]: 'pending',
+  [GuestPhase.GUEST_PHASE_DEFINED]: 'defined',
+  [GuestPhase.GUEST_PHASE_RUNNING]: 'running',
+  [GuestPhase.GUEST_PHASE_STOPPED]: 'stopped',
+  [GuestPhase.GUEST_PHASE_FAILED]: 'failed',
+  [GuestPhase.GUEST_PHASE_WIPED]: 'wiped',
+};
+const VOLUME_PHASE_NAMES: Readonly<Record<number, string>> = {
+  [VolumePhase.VOLUME_PHASE_PENDING]: 'pending',
+  [VolumePhase.VOLUME_PHASE_READY]: 'ready',
+  [VolumePhase.VOLUME_PHASE_MISSING]: 'missing',
+  [VolumePhase.VOLUME_PHASE_WRONG_KEY]: 'wrong_key',
+  [VolumePhase.VOLUME_PHASE_FAILED]: 'failed',
+  [VolumePhase.VOLUME_PHASE_WIPED]: 'wiped',
+};
+
+/** Validates a report and turns it into status records. */
+export function parseHostReport(hostId: string, r: HostReport, at: string): { guests: GuestStatusRecord[]; volumes: VolumeStatusRecord[] } {
+  if (r.guests.length > MAX_REPORT_ITEMS || r.volumes.length > MAX_REPORT_ITEMS) throw errors.tooLarge('report lists too many items');
+  const guests = r.guests.map((g) => {
+    const phase = GUEST_PHASE_NAMES[g.phase];
+    if (!phase) throw errors.invalid('unknown guest phase in report');
+    return { guestId: g.guestId, hostId, generation: Number(g.generation), phase, reason: g.reason.slice(0, MAX_REASON), reportedAt: at };
+  });
+  const volumes = r.volumes.map((v) => {
+    const phase = VOLUME_PHASE_NAMES[v.phase];
+    if (!phase) throw errors.invalid('unknown volume phase in report');
+    return { volumeId: v.volumeId, hostId, keyVersion: v.keyVersion, phase, reason: v.reason.slice(0, MAX_REASON), reportedAt: at };
+  });
+  return { guests, volumes };
+}
+
+/** The desired-state builder the hub uses: seals packets, audits each release first. */
+export function createDesiredStateBuilder(deps: Omit<AgentServiceDeps, 'hub'>, sentPackets: (hostId: string) => Set<string>) {
+  const { store, vault, clock } = deps;
+  const recipients = new Map<string, { raw: Buffer; recipient: BoxRecipient }>();
+  const recipientOf = (host: HostRecord): BoxRecipient => {
+    const cached = recipients.get(host.id);
+    if (cached && cached.raw.equals(host.boxPublicKey)) return cached.recipient;
+    const recipient = boxRecipient(host.boxPublicKey);
+    recipients.set(host.id, { raw: Buffer.from(host.boxPublicKey), recipient });
+    return recipient;
+  };
+  return async (hostId: string): Promise<DesiredState> => {
+    const host = store.getHost(hostId);
+    if (!host || host.state !== 'enrolled') throw errors.unauthenticated('host is not enrolled');
+    const issuedAt = clock.now().toISOString();
+    const ready = new Set<string>();
+    const released: { volumeId: string; version: number }[] = [];
+    const sent = sentPackets(hostId);
+    const packetFor = (v: VolumeRecord): SealedKeyPacket | undefined => {
+      const tag = `${v.id}:${v.activeVersion}`;
+      if (ready.has(tag)) return undefined;
+      const key = store.getActiveKey(v.id);
+      if (!key) return undefined;
+      released.push({ volumeId: v.id, version: key.version });
+      sent.add(tag);
+      return vault.packetForHost(v, key, { hostId, recipient: recipientOf(host) }, issuedAt);
+    };
+    // Volumes the host reported ready at their active version need no packet again.
+    for (const g of store.guestsForHost(hostId)) {
+      for (const id of g.volumeIds) {
+        const st = store.volumeStatuses(id).find((s) => s.hostId === hostId);
+        const v = store.getVolume(id);
+        if (st && v && st.phase === 'ready' && st.keyVersion === v.activeVersion) ready.add(`${id}:${v.activeVersion}`);
+      }
+    }
+    const desired = buildDesiredState(hostId, host.desiredRevision, store, packetFor, issuedAt);
+    if (released.length > 0) {
+      await store.write((tx) => {
+        for (const r of released) tx.appendAudit({ actor: `host:${host.name}`, action: 'key.release', target: r.volumeId, outcome: 'ok', detail: { key_version: r.version, via: 'desired_state' } });
+      });
+    }
+    return desired;
+  };
+}
+
+/** Creates the grpc-js implementation of AgentService. */
+export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId: string) => Set<string>): AgentServiceServer {
+  const { store, clock, hub, logger } = deps;
+
+  /** After a report: complete moves whose both ends are ready, push missing packets. */
+  const afterReport = async (hostId: string): Promise<void> => {
+    const changed = new Set<string>();
+    for (const g of store.guestsForHost(hostId)) {
+      if (g.handoffFromHostId === null || g.hostId === null) continue;
+      const source = store.getHost(g.handoffFromHostId);
+      if (!isHandoffComplete(g, store.guestStatuses(g.id), source?.state === 'revoked')) continue;
+      const from = g.handoffFromHostId;
+      const to = g.hostId;
+      await store.write((tx) => {
+        const cur = tx.getGuest(g.id);
+        if (!cur || cur.handoffFromHostId !== from || cur.hostId !== to) return;
+        tx.upsertGuest({ ...cur, handoffFromHostId: null, updatedAt: clock.now().toISOString() });
+        tx.bumpHostRevision(from);
+        tx.bumpHostRevision(to);
+        tx.appendAudit({ actor: 'server', action: 'guest.move.complete', target: g.id, outcome: 'ok', detail: { name: g.name, from: source?.name ?? from, to: store.getHost(to)?.name ?? to } });
+      });
+      changed.add(from).add(to);
+    }
+    // A placed volume the host lacks (not ready) whose packet this stream has not carried.
+    const sent = sentPackets(hostId);
+    for (const g of store.guestsForHost(hostId)) {
+      if (g.hostId !== hostId) continue;
+      for (const id of g.volumeIds) {
+        const v = store.getVolume(id);
+        const st = store.volumeStatuses(id).find((s) => s.hostId === hostId);
+        if (v && !(st?.phase === 'ready' && st.keyVersion === v.activeVersion) && !sent.has(`${id}:${v.activeVersion}`)) changed.add(hostId);
+      }
+    }
+    hub.hostsChanged(changed);
+  };
+
+  return {
+    connect(call: ServerDuplexStream<ConnectRequest, ConnectResponse>) {
+      const fail = (err: unknown) => {
+        const wire = toWireError(err);
+        if (wire.unexpected) logger.error('agent stream failed', describeError(err));
+        call.emit('error', { code: wire.code, details: wire.details });
+      };
+      let principal: Principal;
+      try {
+        principal = authenticate(call, store, ['host']);
+      } catch (err) {
+        fail(err);
+        return;
+      }
+      const hostId = principal.hostId as string;
+      let session: AgentSession | undefined;
+      let closed = false;
+      const helloTimer = setTimeout(() => fail(errors.invalid('no hello on the agent stream')), HELLO_TIMEOUT_MS);
+      // Reports are processed one at a time, in order.
+      let queue = Promise.resolve();
+      const cleanup = () => {
+        clearTimeout(helloTimer);
+        if (session) hub.detach(session);
+        closed = true;
+      };
+      call.on('data', (req: ConnectRequest) => {
+        queue = queue.then(async () => {
+          if (closed) return;
+          try {
+            const msg = req.msg;
+            if (!msg) throw errors.invalid('empty agent message');
+            if (msg.$case === 'hello') {
+              if (session) throw errors.invalid('hello sent twice');
+              clearTimeout(helloTimer);
+              session = {
+                hostId,
+                agentVersion: msg.value.agentVersion.slice(0, 64),
+                appliedRevision: Number(msg.value.appliedRevision),
+                sentRevision: 0,
+                connectedAt: clock.now().toISOString(),
+                send: (m) => {
+                  if (!closed) call.write(m);
+                },
+                close: (code, details) => {
+                  if (!closed) call.emit('error', { code, details });
+                },
+              };
+              sentPackets(hostId).clear();
+              hub.attach(session);
+              await store.write((tx) => tx.touchHost(hostId, clock.now().toISOString()));
+              await hub.push(hostId);
+              return;
+            }
+            if (!session) throw errors.invalid('the first agent message must be hello');
+            const at = clock.now().toISOString();
+            const report = parseHostReport(hostId, msg.value, at);
+            session.appliedRevision = Number(msg.value.revision);
+            await store.write((tx) => {
+              tx.replaceHostReport(hostId, report.guests, report.volumes);
+              tx.touchHost(hostId, at);
+            });
+            await afterReport(hostId);
+          } catch (err) {
+            cleanup();
+            fail(err);
+          }
+        });
+      });
+      call.on('end', () => {
+        cleanup();
+        call.end();
+      });
+      call.on('error', cleanup);
+      call.on('cancelled', cleanup);
+    },
+  };
+}

@@ -1,0 +1,75 @@
+/**
+ * What a host should have: the guests placed on it (to run), and the guests it is handing
+ * over (to keep stopped until the new host confirms). Pure decisions over store records;
+ * sealing key packets is left to the caller through `packetFor`.
+ */
+import type { DesiredGuest, DesiredState, SealedKeyPacket } from '../../../shared/src/api.js';
+import type { GuestRecord, GuestStatusRecord, VolumeRecord } from '../domain/model.js';
+import { FORMAT_TO_API } from '../vault/key-vault.js';
+
+/** Reads the desired state needs. */
+export interface DesiredStateSource {
+  guestsForHost(hostId: string): GuestRecord[];
+  getVolume(id: string): VolumeRecord | undefined;
+}
+
+/**
+ * Builds the host's desired state. `packetFor(volume)` returns the sealed key packet for a
+ * volume of a guest placed on the host, or undefined when the host already reported the
+ * volume ready at that key version (no need to release the key again).
+ */
+export function buildDesiredState(
+  hostId: string,
+  revision: number,
+  src: DesiredStateSource,
+  packetFor: (volume: VolumeRecord) => SealedKeyPacket | undefined,
+  issuedAt: string,
+): DesiredState {
+  const guests: DesiredGuest[] = src.guestsForHost(hostId).map((g) => {
+    const placedHere = g.hostId === hostId;
+    return {
+      guestId: g.id,
+      name: g.name,
+      domainXml: g.domainXml,
+      autostart: g.autostart,
+      generation: BigInt(g.generation),
+      // A guest being handed over runs nowhere until the move completes.
+      run: placedHere && g.handoffFromHostId === null,
+      volumes: g.volumeIds.flatMap((id) => {
+        const v = src.getVolume(id);
+        if (!v) return [];
+        return [
+          {
+            volumeId: v.id,
+            name: v.name,
+            format: FORMAT_TO_API[v.format],
+            cipher: { cipher: v.cipher, keySizeBits: v.keySizeBits, sectorSize: v.sectorSize },
+            sizeBytes: v.sizeBytes,
+            keyVersion: v.activeVersion,
+            // The source of a handoff already holds the key: it gets none again.
+            packet: placedHere ? packetFor(v) : undefined,
+          },
+        ];
+      }),
+    };
+  });
+  return { revision: BigInt(revision), guests, issuedAt };
+}
+
+/** Phases in which a guest is not running on a host. */
+const STOPPED_PHASES = new Set(['defined', 'stopped', 'wiped', 'failed']);
+
+/**
+ * A move completes when the destination reports the guest defined (at its current
+ * generation) and the source reports it not running, has never reported it, or has been
+ * revoked. A source that reported the guest running and then went silent holds the move:
+ * the guest might still run there (shared storage must not get two writers).
+ */
+export function isHandoffComplete(g: GuestRecord, statuses: GuestStatusRecord[], sourceRevoked: boolean): boolean {
+  if (g.handoffFromHostId === null || g.hostId === null) return false;
+  const dest = statuses.find((s) => s.hostId === g.hostId);
+  const src = statuses.find((s) => s.hostId === g.handoffFromHostId);
+  const destReady = dest !== undefined && dest.generation >= g.generation && (dest.phase === 'defined' || dest.phase === 'stopped');
+  const srcStopped = sourceRevoked || src === undefined || STOPPED_PHASES.has(src.phase);
+  return destReady && srcStopped;
+}
