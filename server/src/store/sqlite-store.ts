@@ -291,10 +291,10 @@ function prepareStatements(db: Database.Database) {
     deleteGuestStatusOfHost: db.prepare<[string]>('DELETE FROM guest_status WHERE host_id = ?'),
     deleteVolumeStatusOfHost: db.prepare<[string]>('DELETE FROM volume_status WHERE host_id = ?'),
     insertGuestStatus: db.prepare<[string, string, number, string, string, string]>(
-      'INSERT OR REPLACE INTO guest_status (guest_id, host_id, generation, phase, reason, reported_at) SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM guests WHERE id = ?1)',
+      'INSERT OR REPLACE INTO guest_status (guest_id, host_id, generation, phase, reason, reported_at) VALUES (?, ?, ?, ?, ?, ?)',
     ),
     insertVolumeStatus: db.prepare<[string, string, number, string, string, string]>(
-      'INSERT OR REPLACE INTO volume_status (volume_id, host_id, key_version, phase, reason, reported_at) SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM volumes WHERE id = ?1)',
+      'INSERT OR REPLACE INTO volume_status (volume_id, host_id, key_version, phase, reason, reported_at) VALUES (?, ?, ?, ?, ?, ?)',
     ),
     bumpHostRevision: db.prepare<[string], number>('UPDATE hosts SET desired_revision = desired_revision + 1 WHERE id = ? RETURNING desired_revision').pluck(),
     deleteGuestLinks: db.prepare<[string]>('DELETE FROM guest_volumes WHERE guest_id = ?'),
@@ -998,9 +998,13 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     this.#assertInUnit();
     this.#s.deleteGuestStatusOfHost.run(hostId);
     this.#s.deleteVolumeStatusOfHost.run(hostId);
-    // Rows about guests or volumes deleted meanwhile are dropped (the WHERE EXISTS).
-    for (const g of guests) this.#s.insertGuestStatus.run(g.guestId, hostId, g.generation, g.phase, g.reason, g.reportedAt);
-    for (const v of volumes) this.#s.insertVolumeStatus.run(v.volumeId, hostId, v.keyVersion, v.phase, v.reason, v.reportedAt);
+    // Rows about guests or volumes unknown here (deleted meanwhile, or made up) are dropped.
+    for (const g of guests) {
+      if (this.#s.getGuest.get(g.guestId)) this.#s.insertGuestStatus.run(g.guestId, hostId, g.generation, g.phase, g.reason, g.reportedAt);
+    }
+    for (const v of volumes) {
+      if (this.#s.volumeExists.get(v.volumeId)) this.#s.insertVolumeStatus.run(v.volumeId, hostId, v.keyVersion, v.phase, v.reason, v.reportedAt);
+    }
   }
 
   touchHost(id: string, lastSeenAt: string): void {

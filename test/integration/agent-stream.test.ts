@@ -1,0 +1,191 @@
+/**
+ * The server side of the agent stream, driven by a scripted agent over real mTLS: desired
+ * state with key packets on hello, reports visible in `guest show` / `host show`, a move
+ * that completes only after the destination confirms, and a revoked host's stream closed.
+ */
+import anyTest, { type TestFn } from 'ava';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { status, type ClientDuplexStream } from '@grpc/grpc-js';
+import {
+  AgentServiceClient,
+  GuestPhase,
+  KeyPacket,
+  VolumePhase,
+  type ConnectRequest,
+  type ConnectResponse,
+  type DesiredState,
+} from '../../shared/src/api.js';
+import { generateBoxKeyPair, openSealed, type BoxKeyPair } from '../../shared/src/box.js';
+import { enrollHost } from '../../shared/src/enroll-client.js';
+import { CLIENT_CHANNEL_OPTIONS, channelCredentials } from '../../shared/src/grpc-client.js';
+import { generateTlsKeyPair } from '../../shared/src/pki.js';
+import { loadSodium } from '../../shared/src/sodium.js';
+import { cli, initDataDir, startServer, tempDir, type ServerProcess } from '../helpers/server-harness.js';
+
+interface Host {
+  name: string;
+  box: BoxKeyPair;
+  creds: { caCertPem: string; certPem: string; keyPem: string };
+}
+
+interface Ctx {
+  dir: { path: string; remove: () => void };
+  server: ServerProcess;
+  hosts: Record<string, Host>;
+}
+const test = anyTest as TestFn<Ctx>;
+
+/** A scripted agent: a stream plus a queue of received desired states. */
+class FakeAgent {
+  readonly states: DesiredState[] = [];
+  readonly stream: ClientDuplexStream<ConnectRequest, ConnectResponse>;
+  ended: { code: number; details: string } | undefined;
+  #waiters: (() => void)[] = [];
+  constructor(address: string, host: Host) {
+    const client = new AgentServiceClient(address, channelCredentials(host.creds), CLIENT_CHANNEL_OPTIONS);
+    this.stream = client.connect();
+    this.stream.on('data', (m: ConnectResponse) => {
+      if (m.msg?.$case === 'desired') this.states.push(m.msg.value);
+      this.#wake();
+    });
+    this.stream.on('error', (e: { code: number; details: string }) => {
+      this.ended = { code: e.code, details: e.details };
+      this.#wake();
+    });
+    this.stream.write({ msg: { $case: 'hello', value: { agentVersion: 'test', appliedRevision: 0n } } });
+  }
+  #wake() {
+    for (const w of this.#waiters.splice(0)) w();
+  }
+  async until<T>(pred: () => T | undefined, what: string, timeoutMs = 10_000): Promise<T> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const v = pred();
+      if (v !== undefined && v !== false) return v;
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+      await new Promise<void>((r) => {
+        this.#waiters.push(r);
+        setTimeout(r, 200);
+      });
+    }
+  }
+  latest(): DesiredState | undefined {
+    return this.states.at(-1);
+  }
+  report(revision: bigint, guests: { guestId: string; generation: bigint; phase: GuestPhase }[], volumes: { volumeId: string; keyVersion: number; phase: VolumePhase }[]) {
+    this.stream.write({
+      msg: {
+        $case: 'report',
+        value: { revision, guests: guests.map((g) => ({ ...g, reason: '' })), volumes: volumes.map((v) => ({ ...v, reason: '', created: false })) },
+      },
+    });
+  }
+  close() {
+    this.stream.cancel();
+  }
+}
+
+const xml = (name: string, vols: string[]) =>
+  `<domain type='kvm'><name>${name}</name><devices>${vols.map((v, i) => `<disk type='volume' device='disk'><source pool='virtkm' volume='${v}'/><target dev='vd${'abc'[i]}'/></disk>`).join('')}</devices></domain>`;
+
+const admin = (t: { context: Ctx }, ...args: string[]) => cli(['--server', t.context.server.address, '--credentials', join(t.context.server.dataDir, 'admin.pem'), ...args]);
+
+async function enroll(t: { context: Ctx }, name: string): Promise<Host> {
+  const token = (JSON.parse((await admin(t, 'host', 'token', 'create', name, '--json')).stdout) as { token: string }).token;
+  const tls = await generateTlsKeyPair();
+  const box = generateBoxKeyPair();
+  const r = await enrollHost(t.context.server.enrollAddress, token, { tlsPublicKey: tls.publicKeyDer, boxPublicKey: box.publicKey });
+  return { name, box, creds: { caCertPem: r.caCertificatePem, certPem: r.certificatePem, keyPem: tls.privateKeyPem } };
+}
+
+test.before(async (t) => {
+  await loadSodium();
+  const dir = tempDir();
+  initDataDir(join(dir.path, 'data'));
+  const server = await startServer(join(dir.path, 'data'));
+  t.context = { dir, server, hosts: {} };
+  t.context.hosts['hv1'] = await enroll(t, 'hv1');
+  t.context.hosts['hv2'] = await enroll(t, 'hv2');
+});
+
+test.after.always(async (t) => {
+  await t.context.server?.stop();
+  t.context.dir?.remove();
+});
+
+test.serial('desired state with sealed key packets on hello; reports show in guest and host views; move hands over', async (t) => {
+  const vol = JSON.parse((await admin(t, 'volume', 'create', 'disk1', '--size', '1G', '--format', 'qcow2-luks', '--json')).stdout) as { id: string };
+  const xmlFile = join(t.context.dir.path, 'g1.xml');
+  writeFileSync(xmlFile, xml('g1', ['disk1']));
+  const g = JSON.parse((await admin(t, 'guest', 'define', 'g1', '--xml', xmlFile, '--host', 'hv1', '--autostart', '--json')).stdout) as { id: string };
+
+  const a1 = new FakeAgent(t.context.server.address, t.context.hosts['hv1']!);
+  const s1 = await a1.until(() => a1.latest()?.guests.length === 1 ? a1.latest() : undefined, 'hv1 desired state');
+  const dg = s1.guests[0]!;
+  t.is(dg.guestId, g.id);
+  t.true(dg.run);
+  t.true(dg.autostart);
+  const dv = dg.volumes[0]!;
+  t.is(dv.volumeId, vol.id);
+  t.truthy(dv.packet, 'a key packet comes with the first desired state');
+  const packet = KeyPacket.decode(openSealed(dv.packet!.sealed, t.context.hosts['hv1']!.box));
+  t.is(packet.volumeId, vol.id);
+  t.is(packet.secret.length, 32);
+
+  const host = JSON.parse((await admin(t, 'host', 'show', 'hv1', '--json')).stdout) as { connected: boolean; agent_version: string };
+  t.true(host.connected);
+  t.is(host.agent_version, 'test');
+
+  a1.report(s1.revision, [{ guestId: g.id, generation: dg.generation, phase: GuestPhase.GUEST_PHASE_RUNNING }], [{ volumeId: vol.id, keyVersion: 1, phase: VolumePhase.VOLUME_PHASE_READY }]);
+  let view: { phase: string; volume_reports: { phase: string; host: string }[]; handoff_from: string; host: string } | undefined;
+  for (let i = 0; i < 50; i++) {
+    view = JSON.parse((await admin(t, 'guest', 'show', 'g1', '--json')).stdout) as typeof view;
+    if (view?.phase === 'running') break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  t.is(view?.phase, 'running', t.context.server.logs().split('\n').filter((l) => l.includes('error')).join('\n'));
+  t.deepEqual(view?.volume_reports.map((r) => [r.host, r.phase]), [['hv1', 'ready']]);
+
+  // Move to hv2: hv1 keeps the guest but must stop it; hv2 gets the key and must not run it yet.
+  const a2 = new FakeAgent(t.context.server.address, t.context.hosts['hv2']!);
+  t.is((await admin(t, 'guest', 'move', 'g1', '--to', 'hv2')).code, 0);
+  const src = await a1.until(() => a1.states.find((s) => s.guests.length === 1 && !s.guests[0]!.run), 'hv1 told to stop');
+  t.is(src.guests[0]!.volumes[0]!.packet, undefined, 'the source gets no key again');
+  const dst = await a2.until(() => a2.states.find((s) => s.guests.length === 1), 'hv2 receives the guest');
+  t.false(dst.guests[0]!.run, 'the destination waits for the source to stop');
+  t.truthy(dst.guests[0]!.volumes[0]!.packet);
+  t.is((await admin(t, 'guest', 'move', 'g1', '--to', 'hv1')).code, 1, 'a second move waits for the first');
+  view = JSON.parse((await admin(t, 'guest', 'show', 'g1', '--json')).stdout) as typeof view;
+  t.is(view?.handoff_from, 'hv1');
+
+  const gen = dst.guests[0]!.generation;
+  a2.report(dst.revision, [{ guestId: g.id, generation: gen, phase: GuestPhase.GUEST_PHASE_DEFINED }], [{ volumeId: vol.id, keyVersion: 1, phase: VolumePhase.VOLUME_PHASE_READY }]);
+  await new Promise((r) => setTimeout(r, 300));
+  t.false(a1.latest()!.guests.length === 0, 'the source still holds the guest while it runs there');
+  a1.report(src.revision, [{ guestId: g.id, generation: gen, phase: GuestPhase.GUEST_PHASE_STOPPED }], [{ volumeId: vol.id, keyVersion: 1, phase: VolumePhase.VOLUME_PHASE_READY }]);
+  await a1.until(() => a1.latest()?.guests.length === 0, 'hv1 told to wipe');
+  const final = await a2.until(() => a2.states.find((s) => s.guests[0]?.run === true), 'hv2 told to run');
+  t.is(final.guests[0]!.guestId, g.id);
+  const audit = JSON.parse((await admin(t, 'audit', 'list', '--action', 'guest.move.complete', '--json')).stdout) as { target: string }[];
+  t.deepEqual(audit.map((e) => e.target), [g.id]);
+  a1.close();
+  a2.close();
+});
+
+test.serial('a revoked host loses its stream; bad reports close the stream with INVALID_ARGUMENT', async (t) => {
+  const a2 = new FakeAgent(t.context.server.address, t.context.hosts['hv2']!);
+  await a2.until(() => a2.latest(), 'desired state');
+  a2.stream.write({ msg: { $case: 'report', value: { revision: 1n, guests: [{ guestId: 'x', generation: 1n, phase: 99 as GuestPhase, reason: '' }], volumes: [] } } });
+  const bad = await a2.until(() => a2.ended, 'stream end');
+  t.is(bad.code, status.INVALID_ARGUMENT);
+
+  const again = new FakeAgent(t.context.server.address, t.context.hosts['hv2']!);
+  await again.until(() => again.latest(), 'desired state');
+  t.is((await admin(t, 'host', 'revoke', 'hv2')).code, 0);
+  const end = await again.until(() => again.ended, 'revoked stream end');
+  t.is(end.code, status.UNAUTHENTICATED);
+  const after = new FakeAgent(t.context.server.address, t.context.hosts['hv2']!);
+  const refused = await after.until(() => after.ended, 'refused');
+  t.is(refused.code, status.UNAUTHENTICATED);
+});
