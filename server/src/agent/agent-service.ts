@@ -211,6 +211,7 @@ export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId:
             session.appliedRevision = Number(msg.value.revision);
             await store.write((tx) => {
               tx.replaceHostReport(hostId, report.guests, report.volumes);
+              tx.markMaterialized(report.volumes.filter((v) => v.phase === 'ready').map((v) => v.volumeId), at);
               tx.touchHost(hostId, at);
             });
             await afterReport(hostId);

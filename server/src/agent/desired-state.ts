@@ -11,6 +11,7 @@ import { FORMAT_TO_API } from '../vault/key-vault.js';
 export interface DesiredStateSource {
   guestsForHost(hostId: string): GuestRecord[];
   getVolume(id: string): VolumeRecord | undefined;
+  isMaterialized(volumeId: string): boolean;
 }
 
 /**
@@ -48,6 +49,7 @@ export function buildDesiredState(
             keyVersion: v.activeVersion,
             // The source of a handoff already holds the key: it gets none again.
             packet: placedHere ? packetFor(v) : undefined,
+            mayCreate: placedHere && !src.isMaterialized(v.id),
           },
         ];
       }),

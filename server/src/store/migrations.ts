@@ -145,6 +145,7 @@ CREATE TABLE settings (
     sql: `
 ALTER TABLE guests ADD COLUMN handoff_from_host_id TEXT REFERENCES hosts(id);
 ALTER TABLE hosts ADD COLUMN desired_revision INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE volumes ADD COLUMN materialized_at TEXT;
 CREATE INDEX guests_by_handoff ON guests(handoff_from_host_id);
 
 CREATE TABLE guest_status (

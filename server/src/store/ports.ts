@@ -82,6 +82,8 @@ export interface StoreReader {
   guestsForHost(hostId: string): GuestRecord[];
   /** What hosts reported about a guest (one row per host). */
   guestStatuses(guestId: string): GuestStatusRecord[];
+  /** Whether some host has reported the volume's image ready. */
+  isMaterialized(volumeId: string): boolean;
   /** What hosts reported about a volume (one row per host). */
   volumeStatuses(volumeId: string): VolumeStatusRecord[];
 
@@ -117,6 +119,8 @@ export interface StoreWriter extends StoreReader {
   touchHost(id: string, lastSeenAt: string): void;
   /** Increments and returns the host's desired-state revision. */
   bumpHostRevision(id: string): number;
+  /** Records that volumes' images exist (first time only): agents may no longer create them. */
+  markMaterialized(volumeIds: string[], at: string): void;
   /** Replaces everything the host reported with this report. */
   replaceHostReport(hostId: string, guests: GuestStatusRecord[], volumes: VolumeStatusRecord[]): void;
 

@@ -296,6 +296,8 @@ function prepareStatements(db: Database.Database) {
     insertVolumeStatus: db.prepare<[string, string, number, string, string, string]>(
       'INSERT OR REPLACE INTO volume_status (volume_id, host_id, key_version, phase, reason, reported_at) VALUES (?, ?, ?, ?, ?, ?)',
     ),
+    markMaterialized: db.prepare<[string, string]>('UPDATE volumes SET materialized_at = ? WHERE id = ? AND materialized_at IS NULL'),
+    isMaterialized: db.prepare<[string], number>('SELECT 1 FROM volumes WHERE id = ? AND materialized_at IS NOT NULL').pluck(),
     bumpHostRevision: db.prepare<[string], number>('UPDATE hosts SET desired_revision = desired_revision + 1 WHERE id = ? RETURNING desired_revision').pluck(),
     deleteGuestLinks: db.prepare<[string]>('DELETE FROM guest_volumes WHERE guest_id = ?'),
     insertGuestLink: db.prepare<[string, string, number]>('INSERT INTO guest_volumes (guest_id, volume_id, position) VALUES (?, ?, ?)'),
@@ -834,6 +836,10 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     return this.#s.guestStatuses.all(guestId).map(toGuestStatus);
   }
 
+  isMaterialized(volumeId: string): boolean {
+    return this.#s.isMaterialized.get(volumeId) === 1;
+  }
+
   volumeStatuses(volumeId: string): VolumeStatusRecord[] {
     return this.#s.volumeStatuses.all(volumeId).map(toVolumeStatus);
   }
@@ -992,6 +998,11 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     const revision = this.#s.bumpHostRevision.get(id);
     if (revision === undefined) throw errors.notFound('host');
     return revision;
+  }
+
+  markMaterialized(volumeIds: string[], at: string): void {
+    this.#assertInUnit();
+    for (const id of volumeIds) this.#s.markMaterialized.run(at, id);
   }
 
   replaceHostReport(hostId: string, guests: GuestStatusRecord[], volumes: VolumeStatusRecord[]): void {

@@ -1,0 +1,127 @@
+/**
+ * The agent's sealed key cache: the secrets of volumes of guests placed on this host, so
+ * guests can start after a reboot while the server is unreachable. One file, sealed as a
+ * whole (XChaCha20-Poly1305 envelope, AAD bound to the host id) under the host key.
+ *
+ * Writes replace the file atomically (temporary file, fsync, rename, fsync of the
+ * directory), and the previous file's blocks are overwritten with zeros before the rename
+ * so a removed key leaves no trace in the old file (the filesystem and the disk may still
+ * keep copies elsewhere: see docs/threat-model.md).
+ */
+import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, statSync, writeSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { DecryptionError, open, seal, type WrappingKey } from '../../../shared/src/envelope.js';
+import { errors } from '../../../shared/src/errors.js';
+import { ownedCopy, wipe } from '../../../shared/src/secret-bytes.js';
+
+/** One cached secret. */
+export interface CachedKey {
+  volumeId: string;
+  keyVersion: number;
+  /** Guests on this host that use the volume. */
+  guestIds: string[];
+  secret: Uint8Array;
+}
+
+/** What the cache offers the reconciler. */
+export interface KeyCache {
+  get(volumeId: string, keyVersion: number): Uint8Array | undefined;
+  /** Replaces the whole content and persists it; the cache takes ownership of the secrets. */
+  replace(entries: CachedKey[]): void;
+  entries(): readonly Omit<CachedKey, 'secret'>[];
+  /** Wipes the in-memory secrets. */
+  close(): void;
+}
+
+const FORMAT = 'virtkm-key-cache-v1';
+
+function cacheAad(hostId: string): string {
+  return `virtkm/v1/agent-cache/${hostId}`;
+}
+
+/** Serialises entries: JSON with base64 secrets, as a Buffer the caller wipes. */
+function encode(entries: CachedKey[]): Buffer {
+  const json = JSON.stringify({ format: FORMAT, entries: entries.map((e) => ({ v: e.volumeId, k: e.keyVersion, g: e.guestIds, s: Buffer.from(e.secret).toString('base64') })) });
+  return Buffer.from(json, 'utf8');
+}
+
+function decode(plain: Uint8Array): CachedKey[] {
+  let doc: unknown;
+  try {
+    doc = JSON.parse(Buffer.from(plain).toString('utf8'));
+  } catch {
+    throw errors.precondition('key cache is damaged');
+  }
+  const d = doc as { format?: unknown; entries?: unknown };
+  if (d.format !== FORMAT || !Array.isArray(d.entries)) throw errors.precondition('key cache has an unknown format');
+  return (d.entries as { v: string; k: number; g: string[]; s: string }[]).map((e) => ({ volumeId: e.v, keyVersion: e.k, guestIds: e.g, secret: ownedCopy(Buffer.from(e.s, 'base64')) }));
+}
+
+/** Overwrites a file's current contents with zeros and syncs (best effort against remnants). */
+function zeroFile(path: string): void {
+  const size = statSync(path).size;
+  const fd = openSync(path, 'r+');
+  try {
+    const zeros = Buffer.alloc(Math.min(size, 1 << 20));
+    for (let off = 0; off < size; off += zeros.length) writeSync(fd, zeros, 0, Math.min(zeros.length, size - off), off);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Opens (or starts) the cache at `path`, sealed under `hostKey` and bound to `hostId`. */
+export function openKeyCache(path: string, hostKey: WrappingKey, hostId: string): KeyCache {
+  let entries: CachedKey[] = [];
+  if (existsSync(path)) {
+    let plain: Uint8Array | undefined;
+    try {
+      plain = open(readFileSync(path), hostKey, cacheAad(hostId));
+      entries = decode(plain);
+    } catch (err) {
+      if (err instanceof DecryptionError) throw errors.precondition('key cache does not open with this host key', { hint: 'the cache is rebuilt from the server once it answers; remove the file to start empty' });
+      throw err;
+    } finally {
+      wipe(plain);
+    }
+  }
+  const persist = () => {
+    const plain = encode(entries);
+    const sealed = seal(plain, hostKey, cacheAad(hostId));
+    wipe(plain);
+    const tmp = `${path}.tmp`;
+    const fd = openSync(tmp, 'w', 0o600);
+    try {
+      writeSync(fd, sealed);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    if (existsSync(path)) zeroFile(path);
+    renameSync(tmp, path);
+    const dfd = openSync(dirname(path), 'r');
+    try {
+      fsyncSync(dfd);
+    } finally {
+      closeSync(dfd);
+    }
+  };
+  return {
+    get(volumeId, keyVersion) {
+      return entries.find((e) => e.volumeId === volumeId && e.keyVersion === keyVersion)?.secret;
+    },
+    replace(next) {
+      const keep = new Set(next.map((e) => e.secret));
+      for (const e of entries) if (!keep.has(e.secret)) wipe(e.secret);
+      entries = next;
+      persist();
+    },
+    entries() {
+      return entries.map(({ volumeId, keyVersion, guestIds }) => ({ volumeId, keyVersion, guestIds }));
+    },
+    close() {
+      for (const e of entries) wipe(e.secret);
+      entries = [];
+    },
+  };
+}
