@@ -26,8 +26,14 @@ export interface CachedKey {
 /** What the cache offers the reconciler. */
 export interface KeyCache {
   get(volumeId: string, keyVersion: number): Uint8Array | undefined;
-  /** Replaces the whole content and persists it; the cache takes ownership of the secrets. */
-  replace(entries: CachedKey[]): void;
+  /**
+   * Replaces the whole content and persists it; the cache takes ownership of the secrets.
+   * `desired` is the last desired state from the server (key packets removed), kept so
+   * guests can start after a reboot while the server is unreachable.
+   */
+  replace(entries: CachedKey[], desired?: Uint8Array): void;
+  /** The last desired state stored with replace(), if any. */
+  lastDesired(): Uint8Array | undefined;
   entries(): readonly Omit<CachedKey, 'secret'>[];
   /** Wipes the in-memory secrets. */
   close(): void;
@@ -40,21 +46,28 @@ function cacheAad(hostId: string): string {
 }
 
 /** Serialises entries: JSON with base64 secrets, as a Buffer the caller wipes. */
-function encode(entries: CachedKey[]): Buffer {
-  const json = JSON.stringify({ format: FORMAT, entries: entries.map((e) => ({ v: e.volumeId, k: e.keyVersion, g: e.guestIds, s: Buffer.from(e.secret).toString('base64') })) });
+function encode(entries: CachedKey[], desired: Uint8Array | undefined): Buffer {
+  const json = JSON.stringify({
+    format: FORMAT,
+    desired: desired ? Buffer.from(desired).toString('base64') : null,
+    entries: entries.map((e) => ({ v: e.volumeId, k: e.keyVersion, g: e.guestIds, s: Buffer.from(e.secret).toString('base64') })),
+  });
   return Buffer.from(json, 'utf8');
 }
 
-function decode(plain: Uint8Array): CachedKey[] {
+function decode(plain: Uint8Array): { entries: CachedKey[]; desired: Uint8Array | undefined } {
   let doc: unknown;
   try {
     doc = JSON.parse(Buffer.from(plain).toString('utf8'));
   } catch {
     throw errors.precondition('key cache is damaged');
   }
-  const d = doc as { format?: unknown; entries?: unknown };
+  const d = doc as { format?: unknown; entries?: unknown; desired?: unknown };
   if (d.format !== FORMAT || !Array.isArray(d.entries)) throw errors.precondition('key cache has an unknown format');
-  return (d.entries as { v: string; k: number; g: string[]; s: string }[]).map((e) => ({ volumeId: e.v, keyVersion: e.k, guestIds: e.g, secret: ownedCopy(Buffer.from(e.s, 'base64')) }));
+  return {
+    entries: (d.entries as { v: string; k: number; g: string[]; s: string }[]).map((e) => ({ volumeId: e.v, keyVersion: e.k, guestIds: e.g, secret: ownedCopy(Buffer.from(e.s, 'base64')) })),
+    desired: typeof d.desired === 'string' ? Buffer.from(d.desired, 'base64') : undefined,
+  };
 }
 
 /** Overwrites a file's current contents with zeros and syncs (best effort against remnants). */
@@ -73,11 +86,12 @@ function zeroFile(path: string): void {
 /** Opens (or starts) the cache at `path`, sealed under `hostKey` and bound to `hostId`. */
 export function openKeyCache(path: string, hostKey: WrappingKey, hostId: string): KeyCache {
   let entries: CachedKey[] = [];
+  let desired: Uint8Array | undefined;
   if (existsSync(path)) {
     let plain: Uint8Array | undefined;
     try {
       plain = open(readFileSync(path), hostKey, cacheAad(hostId));
-      entries = decode(plain);
+      ({ entries, desired } = decode(plain));
     } catch (err) {
       if (err instanceof DecryptionError) throw errors.precondition('key cache does not open with this host key', { hint: 'the cache is rebuilt from the server once it answers; remove the file to start empty' });
       throw err;
@@ -86,7 +100,7 @@ export function openKeyCache(path: string, hostKey: WrappingKey, hostId: string)
     }
   }
   const persist = () => {
-    const plain = encode(entries);
+    const plain = encode(entries, desired);
     const sealed = seal(plain, hostKey, cacheAad(hostId));
     wipe(plain);
     const tmp = `${path}.tmp`;
@@ -110,11 +124,15 @@ export function openKeyCache(path: string, hostKey: WrappingKey, hostId: string)
     get(volumeId, keyVersion) {
       return entries.find((e) => e.volumeId === volumeId && e.keyVersion === keyVersion)?.secret;
     },
-    replace(next) {
+    replace(next, nextDesired) {
       const keep = new Set(next.map((e) => e.secret));
       for (const e of entries) if (!keep.has(e.secret)) wipe(e.secret);
       entries = next;
+      if (nextDesired !== undefined) desired = nextDesired;
       persist();
+    },
+    lastDesired() {
+      return desired;
     },
     entries() {
       return entries.map(({ volumeId, keyVersion, guestIds }) => ({ volumeId, keyVersion, guestIds }));
