@@ -224,7 +224,8 @@ export async function runTool(file: string, args: readonly string[], options: Ru
   let stopReason: DomainError | undefined;
   let killTimer: NodeJS.Timeout | undefined;
   const stop = (reason: DomainError): void => {
-    if (stopReason) return;
+    // Once the child has exited on its own, its result stands.
+    if (stopReason || child.exitCode !== null || child.signalCode !== null) return;
     stopReason = reason;
     child.kill('SIGTERM');
     killTimer = setTimeout(() => child.kill('SIGKILL'), killGraceMs);

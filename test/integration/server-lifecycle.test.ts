@@ -52,3 +52,20 @@ test('the server process is non-dumpable and reports that its memory is not lock
     dir.remove();
   }
 });
+
+test('a second server on the same data directory refuses to start and the first keeps serving', async (t) => {
+  const dir = tempDir();
+  const data = join(dir.path, 'data');
+  try {
+    initDataDir(data);
+    const server = await startServer(data);
+    const second = runServerCommand(['run', '--data-dir', data, '--listen', '127.0.0.1:0']);
+    t.is(second.code, 1);
+    t.regex(second.stderr, /the database is in use by another process/);
+    const r = await cli(['--server', server.address, '--credentials', join(data, 'admin.pem'), 'volume', 'create', 'still-ok', '--size', '1G', '--format', 'luks']);
+    t.is(r.code, 0, r.stderr);
+    t.is(await server.stop(), 0);
+  } finally {
+    dir.remove();
+  }
+});

@@ -338,3 +338,32 @@ test.serial('init refuses an initialised directory and changes nothing', (t) => 
   const stable = (rows: string[][]) => rows.filter(([f]) => !f!.startsWith('virtkm.db'));
   t.deepEqual(stable(after), stable(before));
 });
+
+test.serial('a broken default config file does not matter when flags say everything', async (t) => {
+  const home = join(t.context.dir.path, 'home');
+  const { mkdirSync } = await import('node:fs');
+  mkdirSync(join(home, '.config', 'virtkm'), { recursive: true });
+  writeFileSync(join(home, '.config', 'virtkm', 'config.json'), '{not json');
+  const ok = await cli(['--server', t.context.server.address, '--credentials', t.context.admin, 'volume', 'list'], { HOME: home });
+  t.is(ok.code, 0, ok.stderr);
+  const bad = await cli(['volume', 'list'], { HOME: home });
+  t.is(bad.code, 2);
+  t.regex(bad.stderr, /cannot read config file/);
+  writeFileSync(join(home, '.config', 'virtkm', 'config.json'), JSON.stringify({ server: t.context.server.address, credentials: t.context.admin }));
+  t.is((await cli(['volume', 'list'], { HOME: home })).code, 0, 'the config file supplies server and credentials');
+});
+
+test.serial('the last admin credential cannot be revoked; another admin makes it possible', async (t) => {
+  const admin0 = parseCredentialBundle(readFileSync(t.context.admin, 'utf8'));
+  const { X509Certificate } = await import('node:crypto');
+  const serial = new X509Certificate(admin0.certPem).serialNumber;
+  const last = await admin(t, 'credential', 'revoke', serial);
+  t.is(last.code, 1);
+  t.regex(last.stderr, /last admin credential/);
+  const second = join(t.context.dir.path, 'admin2.pem');
+  t.is((await admin(t, 'credential', 'create', 'alice', '--role', 'admin', '--out', second)).code, 0);
+  const viaSecond = await cli(['--server', t.context.server.address, '--credentials', second, 'credential', 'revoke', serial]);
+  t.is(viaSecond.code, 0, viaSecond.stderr);
+  const refused = await admin(t, 'volume', 'list');
+  t.is(refused.code, 4, 'the revoked admin is refused on its next call');
+});

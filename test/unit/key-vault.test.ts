@@ -8,7 +8,8 @@ import { KeyPacket, VolumeFormat } from '../../shared/src/api.js';
 import { boxRecipient, generateBoxKeyPair, openSealed, type BoxKeyPair } from '../../shared/src/box.js';
 import { DecryptionError, generateWrappingKey, open, seal, volumeSecretAad, type WrappingKey } from '../../shared/src/envelope.js';
 import { DomainError } from '../../shared/src/errors.js';
-import { FORMAT_TO_API, KEY_PACKET_TYPE, createKeyVault, type KeyVault, type PacketRecipient } from '../../server/src/vault/key-vault.js';
+import { KEY_PACKET_TYPE, createKeyVault, type KeyVault, type PacketRecipient } from '../../server/src/vault/key-vault.js';
+import { FORMAT_TO_API } from '../../shared/src/formats.js';
 import type { KeyVersionRecord, VolumeFormatName, VolumeRecord } from '../../server/src/domain/model.js';
 
 test.before(async () => {

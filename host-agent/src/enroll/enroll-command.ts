@@ -44,7 +44,8 @@ export async function enrollCommand(o: EnrollOptions, readToken: (file: string) 
     writeFileSync(paths.cert, res.certificatePem, { mode: 0o644, flag: 'wx' });
     writeFileSync(paths.ca, res.caCertificatePem, { mode: 0o644, flag: 'wx' });
     // host.json last: its presence means "enrolled".
-    writeFileSync(paths.hostJson, JSON.stringify({ host_id: res.hostId, host: res.host, server: o.server }, null, 2) + '\n', { mode: 0o644, flag: 'wx' });
+    // `server` is the main listener the agent streams from (`run --server` overrides it).
+    writeFileSync(paths.hostJson, JSON.stringify({ host_id: res.hostId, host: res.host, server: res.apiAddress, enroll_server: o.server }, null, 2) + '\n', { mode: 0o644, flag: 'wx' });
     process.stdout.write(`enrolled host ${res.host} (${res.hostId}); state in ${paths.dir}\n`);
   } finally {
     wipe(box.secretKey);

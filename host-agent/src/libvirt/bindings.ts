@@ -66,8 +66,11 @@ export interface LibvirtBindings {
   virDomainFree: NativeFn;
   /** The connection's copy of its last error (undefined when it holds none). */
   connectionError(conn: bigint): LibvirtErrorInfo | undefined;
-  /** The last error libvirt dispatched without a connection (virConnectOpen failures). */
-  takeUnboundError(): LibvirtErrorInfo | undefined;
+  /**
+   * The last error libvirt dispatched in this process, then forgets it. Only meaningful
+   * right after a failed virConnectOpen, which has no connection to keep its error.
+   */
+  takeDispatchedError(): LibvirtErrorInfo | undefined;
   /** Decodes a char* libvirt handed over and releases it with libc free(). */
   takeString(ptr: unknown): string;
   /** Decodes an array of `count` pointers (virConnectListAll*). */
@@ -147,15 +150,13 @@ async function load(): Promise<LibvirtBindings> {
   };
 
   // libvirt calls the handler on the thread that raised the error; koffi runs it on the
-  // main thread (the worker waits meanwhile). It only keeps errors raised without a
-  // connection: the others are read from their connection.
-  let unbound: LibvirtErrorInfo | undefined;
+  // main thread (the worker waits meanwhile). It keeps a copy of the last error, used only
+  // for virConnectOpen failures; errors of calls on a connection are read from it.
+  let dispatched: LibvirtErrorInfo | undefined;
   const ErrorFunc = koffi.proto('void virtkm_libvirt_error_func(void *userData, void *err)');
   const handler = koffi.register((_user: unknown, err: unknown) => {
     try {
-      if (err === null || err === undefined) return;
-      const e = koffi.decode(err, virError) as { conn: unknown };
-      if (e.conn === null || e.conn === 0n) unbound = decodeError(err);
+      if (err !== null && err !== undefined) dispatched = decodeError(err);
     } catch {
       // Never let an exception cross back into libvirt.
     }
@@ -211,9 +212,9 @@ async function load(): Promise<LibvirtBindings> {
         koffi.free(to);
       }
     },
-    takeUnboundError(): LibvirtErrorInfo | undefined {
-      const e = unbound;
-      unbound = undefined;
+    takeDispatchedError(): LibvirtErrorInfo | undefined {
+      const e = dispatched;
+      dispatched = undefined;
       return e;
     },
     takeString(ptr: unknown): string {

@@ -74,8 +74,8 @@ export interface DomainInfo {
 export interface LibvirtSecrets {
   /**
    * Defines (or redefines, idempotently) a private ephemeral secret with usage
-   * `virtkm:<volumeId>`. already_exists when the UUID belongs to another usage or the usage
-   * to another UUID.
+   * `virtkm:<volumeId>`. Redefining keeps a value already set. already_exists when the UUID
+   * belongs to another usage or the usage to another UUID.
    */
   define(def: SecretDefinition): Promise<void>;
   /**
@@ -92,8 +92,9 @@ export interface LibvirtSecrets {
 /** libvirt domains, addressed by name. */
 export interface LibvirtDomains {
   /**
-   * Defines (or redefines) a persistent domain. The XML must carry the virtkm marker;
-   * already_exists when a domain of that name exists without it.
+   * Defines (or redefines) a persistent domain. The XML must carry the virtkm marker
+   * (invalid_argument otherwise). Redefining an existing domain needs its <uuid> in the XML;
+   * already_exists when a domain of that name exists without the marker or with another UUID.
    */
   define(xml: string): Promise<{ uuid: string; name: string }>;
   /** Removes the definition of a virtkm domain (and its NVRAM, managed save, snapshot metadata). */

@@ -192,6 +192,14 @@ export function parseSecretXml(xml: string): ParsedSecretXml {
   };
 }
 
+/** The <name> and <uuid> of a domain XML (either may be absent). Throws invalid_argument when not a <domain>. */
+export function parseDomainIdentity(domainXml: string): { name: string | undefined; uuid: string | undefined } {
+  const { rootName, root } = parseNs(domainXml, 'domain');
+  if (rootName !== 'domain' || root.$ns?.uri !== '') throw errors.invalid('domain XML root element must be <domain>');
+  if (children(root, 'name').length > 1 || children(root, 'uuid').length > 1) throw errors.invalid('domain XML has more than one <name> or <uuid>');
+  return { name: childText(root, 'name'), uuid: childText(root, 'uuid') };
+}
+
 /**
  * The virtkm marker of a domain XML (full libvirt domain XML, or one with just the
  * <metadata> virtkm writes), or undefined when it has none. Throws invalid_argument when

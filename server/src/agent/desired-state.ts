@@ -5,7 +5,7 @@
  */
 import type { DesiredGuest, DesiredState, SealedKeyPacket } from '../../../shared/src/api.js';
 import type { GuestRecord, GuestStatusRecord, VolumeRecord } from '../domain/model.js';
-import { FORMAT_TO_API } from '../vault/key-vault.js';
+import { FORMAT_TO_API } from '../../../shared/src/formats.js';
 
 /** Reads the desired state needs. */
 export interface DesiredStateSource {

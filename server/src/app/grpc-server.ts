@@ -120,7 +120,8 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
   let enrollServer: Server | undefined;
   if (deps.enrollListen) {
     enrollServer = new Server({ ...opts, 'grpc.max_receive_message_length': MAX_ENROLL_REQUEST_BYTES });
-    enrollServer.addService(EnrollmentServiceService, createEnrollmentService({ ...ctx, clock: deps.clock, issuer: deps.issuer, hostCertDays: deps.hostCertDays }));
+    const apiAddress = /^(0\.0\.0\.0|\[::\]):/.test(address) ? '' : address;
+    enrollServer.addService(EnrollmentServiceService, createEnrollmentService({ ...ctx, clock: deps.clock, issuer: deps.issuer, hostCertDays: deps.hostCertDays, apiAddress: () => apiAddress }));
     enrollAddressPlaceholder.value = await bind(enrollServer, deps.enrollListen, deps.enrollCredentials);
     hostDeps.enrollAddress = enrollAddressPlaceholder.value;
   }

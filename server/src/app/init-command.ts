@@ -4,19 +4,19 @@
  * initialised or has no master-key.json. Running init on an initialised (or non-empty)
  * directory refuses and changes nothing.
  */
-import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { isIP } from 'node:net';
 import { loadSodium } from '../../../shared/src/sodium.js';
 import { errors } from '../../../shared/src/errors.js';
 import { certFingerprint, createCa, formatCredentialBundle, generateTlsKeyPair, issueCertificate } from '../../../shared/src/pki.js';
-import { generateWrappingKey } from '../../../shared/src/envelope.js';
+import { destroyWrappingKey, generateWrappingKey } from '../../../shared/src/envelope.js';
 import { promptPassphrase } from '../../../shared/src/passphrase.js';
 import type { PassphraseSource } from '../master-key/sealers.js';
 import { wipe } from '../../../shared/src/secret-bytes.js';
 import { randomUUID } from 'node:crypto';
-import { normalizeSerial } from '../rpc/auth.js';
+import { normalizeSerial } from '../domain/serial.js';
 import { openSqliteStore } from '../store/sqlite-store.js';
 import { createKeyVault } from '../vault/key-vault.js';
 import { dataDirPaths, fsyncDir, SERVER_SECRET_LABELS, writeFileAtomic } from './data-dir.js';
@@ -77,18 +77,26 @@ export async function initCommand(o: InitOptions): Promise<void> {
   }
   const adminPath = resolve(o.adminCredential ?? final.adminCredential);
   if (existsSync(adminPath)) throw errors.alreadyExists(`admin credential file ${adminPath}`, { hint: 'nothing was changed' });
+  if (adminPath !== final.adminCredential && !existsSync(dirname(adminPath))) {
+    throw errors.invalid(`directory ${dirname(adminPath)} for the admin credential does not exist`, { hint: 'nothing was changed' });
+  }
   const protection = protectionOf(o);
 
+  const createdDir = !existsSync(dir);
   mkdirSync(dir, { recursive: true, mode: 0o700 });
+  chmodSync(dir, 0o700);
   const stagingDir = join(dir, STAGING);
   rmSync(stagingDir, { recursive: true, force: true });
   mkdirSync(stagingDir, { mode: 0o700 });
   const staged = dataDirPaths(stagingDir);
 
   const masterKey = generateWrappingKey();
-  await sealNewMasterKey(staged, masterKey, protection);
-  const vault = createKeyVault(masterKey);
+  let vault: ReturnType<typeof createKeyVault> | undefined;
+  let done = false;
+  const moved: string[] = [];
   try {
+    await sealNewMasterKey(staged, masterKey, protection);
+    vault = createKeyVault(masterKey);
     const ca = await createCa({ commonName: 'virtkm internal CA', validDays: CA_DAYS });
     writeFileAtomic(staged.caCert, ca.certPem, 0o644);
     writeFileAtomic(staged.caKeySealed, vault.sealServerSecret(SERVER_SECRET_LABELS.caKey, Buffer.from(ca.keyPem)), 0o600);
@@ -122,12 +130,15 @@ export async function initCommand(o: InitOptions): Promise<void> {
 
     // Move everything into place; the sealed master key last marks the directory ready.
     for (const name of readdirSync(stagingDir)) {
-      if (name !== 'master-key.json') renameSync(join(stagingDir, name), join(dir, name));
+      if (name === 'master-key.json') continue;
+      renameSync(join(stagingDir, name), join(dir, name));
+      moved.push(join(dir, name));
     }
     writeFileSync(adminPath, formatCredentialBundle({ caCertPem: ca.certPem, certPem: adminCert.certPem, keyPem: adminKp.privateKeyPem }), { mode: 0o600, flag: 'wx' });
     renameSync(staged.masterKey, final.masterKey);
     rmSync(stagingDir, { recursive: true, force: true });
     fsyncDir(dir);
+    done = true;
     process.stdout.write(
       `initialised ${dir}\n` +
         `  master key sealed by: ${protection.kind === 'keyfile' ? `key file ${final.keyFile}` : 'passphrase (Argon2id)'}\n` +
@@ -135,6 +146,13 @@ export async function initCommand(o: InitOptions): Promise<void> {
         `  admin credential:     ${adminPath} (keep it secret)\n`,
     );
   } finally {
-    vault.close();
+    if (vault) vault.close();
+    else destroyWrappingKey(masterKey);
+    // A failed init leaves nothing behind: no staged key material, no half directory.
+    if (!done) {
+      rmSync(stagingDir, { recursive: true, force: true });
+      for (const f of moved) rmSync(f, { force: true });
+      if (createdDir) rmSync(dir, { recursive: true, force: true });
+    }
   }
 }

@@ -30,7 +30,7 @@ export async function runCommand(raw: ServerRunOptions): Promise<void> {
 
   const masterKey = await unsealMasterKey(paths, opts.passphraseFile);
   const vault = createKeyVault(masterKey);
-  const store = openSqliteStore({ path: paths.db, logger: logger.child('store') });
+  const store = openSqliteStore({ path: paths.db, logger: logger.child('store'), exclusive: true });
   const caKeyPem = vault.openServerSecret(SERVER_SECRET_LABELS.caKey, readFileSync(paths.caKeySealed));
   const serverKeyPem = vault.openServerSecret(SERVER_SECRET_LABELS.serverKey, readFileSync(paths.serverKeySealed));
   const caCertPem = readFileSync(paths.caCert, 'utf8');

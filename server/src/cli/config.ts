@@ -35,7 +35,9 @@ function readConfigFile(path: string): { server?: string; credentials?: string }
 /** Resolves the connection from flags, environment and config file, in that order. */
 export function resolveConnection(flags: { server?: string; credentials?: string; config?: string }, env: Record<string, string | undefined>): CliConnection {
   const configPath = flags.config ?? env['VIRTKM_CONFIG'] ?? join(env['HOME'] ?? homedir(), '.config', 'virtkm', 'config.json');
-  const file = flags.config || env['VIRTKM_CONFIG'] || existsSync(configPath) ? readConfigFile(configPath) : {};
+  const complete = (flags.server ?? env['VIRTKM_SERVER']) && (flags.credentials ?? env['VIRTKM_CREDENTIALS']);
+  // The default config file is read only when flags and environment leave something open.
+  const file = flags.config || env['VIRTKM_CONFIG'] || (!complete && existsSync(configPath)) ? readConfigFile(configPath) : {};
   const server = flags.server ?? env['VIRTKM_SERVER'] ?? file.server;
   const credentialsPath = flags.credentials ?? env['VIRTKM_CREDENTIALS'] ?? file.credentials;
   if (!server) throw errors.invalid('no server address', { hint: 'pass --server HOST:PORT or set VIRTKM_SERVER' });

@@ -185,7 +185,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
       const all: ReturnType<typeof guestView>[] = [];
       let token = '';
       do {
-        const res = await rpc((c) => c.guests.listGuests.bind(c.guests), { page: { pageSize: 500, pageToken: token }, namePrefix: o.prefix ?? '', host: o.host ?? '' });
+        const res = await rpc((c) => c.guests.listGuests.bind(c.guests), { page: { pageSize: 100, pageToken: token }, namePrefix: o.prefix ?? '', host: o.host ?? '' });
         all.push(...res.guests.map((g) => guestView(g, false)));
         token = res.nextPageToken;
       } while (token);
@@ -218,11 +218,12 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
     .command('move <guest>')
     .description('place a guest on another host')
     .requiredOption('--to <host>', 'destination host')
+    .option('--force', 'do not wait for the source host to confirm (only if it is gone for good)', false)
     .option('--json', 'machine-readable output')
-    .action(async (ref: string, o: { to: string; json?: boolean }) => {
-      const res = await rpc((c) => c.guests.moveGuest.bind(c.guests), { guest: ref, toHost: o.to });
+    .action(async (ref: string, o: { to: string; force: boolean; json?: boolean }) => {
+      const res = await rpc((c) => c.guests.moveGuest.bind(c.guests), { guest: ref, toHost: o.to, force: o.force });
       const g = guestView(res.guest!, false);
-      out(!!o.json, g, () => `guest ${g.name} is now placed on ${g.host}\n`);
+      out(!!o.json, g, () => `guest ${g.name} is now placed on ${g.host}${g.handoff_from ? `; ${g.handoff_from} hands it over once it has stopped it` : ''}\n`);
     });
   guest
     .command('delete <guest>')
@@ -244,7 +245,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
     .action(async (name: string, o: { ttl?: string; json?: boolean }) => {
       const res = await rpc((c) => c.hosts.createEnrollmentToken.bind(c.hosts), { host: name, ttlSeconds: intOption('--ttl', o.ttl) });
       out(!!o.json, { host: name, token: res.token, expires_at: res.expiresAt, enroll_address: res.enrollAddress }, () =>
-        `token for host ${name} (one use, expires ${res.expiresAt}):\n${res.token}\n${res.enrollAddress ? `enroll with: virtkm-agent enroll --server ${res.enrollAddress} --token TOKEN --state-dir DIR\n` : ''}`,
+        `token for host ${name} (one use, expires ${res.expiresAt}):\n${res.token}\n${res.enrollAddress ? `enroll with: virtkm-agent enroll --server ${res.enrollAddress.replace(/^(0\.0\.0\.0|\[::\]):/, 'SERVER_HOST:')} --token-file FILE --state-dir DIR\n` : ''}`,
       );
     });
   host

@@ -3,8 +3,10 @@
  * translate them to and from API messages. No I/O here.
  */
 
+import type { VolumeFormatName } from '../../../shared/src/formats.js';
+
 /** How a volume is encrypted on the host (API enum VolumeFormat). */
-export type VolumeFormatName = 'luks' | 'qcow2-luks' | 'luks2' | 'plain';
+export type { VolumeFormatName };
 /** Life-cycle state of one version of a volume's secret. */
 export type KeyStateName = 'pending' | 'active' | 'retired' | 'destroyed';
 /** The role a client certificate names. */

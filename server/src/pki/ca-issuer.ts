@@ -3,7 +3,7 @@
  * key stays in this closure for the life of the server.
  */
 import { certFingerprint, issueCertificate, type CertificateAuthority } from '../../../shared/src/pki.js';
-import { normalizeSerial } from '../rpc/auth.js';
+import { normalizeSerial } from '../domain/serial.js';
 import type { CertificateIssuer } from './issuer.js';
 
 /** Creates an issuer from the unsealed CA. */

@@ -6,6 +6,7 @@
 import type { ServerSurfaceCall } from '@grpc/grpc-js/build/src/server-call.js';
 import { errors } from '../../../shared/src/errors.js';
 import type { RoleName } from '../domain/model.js';
+import { normalizeSerial } from '../domain/serial.js';
 import type { StoreReader } from '../store/ports.js';
 
 /** An authenticated caller. */
@@ -21,12 +22,6 @@ export interface Principal {
 /** How a principal appears in the audit log. */
 export function actorOf(p: Principal): string {
   return `${p.role}:${p.name}`;
-}
-
-/** Lower-case hex without leading zeros: Node prints serials upper-case and may pad them. */
-export function normalizeSerial(serial: string): string {
-  const s = serial.toLowerCase().replace(/[^0-9a-f]/g, '').replace(/^0+/, '');
-  return s === '' ? '0' : s;
 }
 
 const ROLES: readonly RoleName[] = ['admin', 'frontend', 'host'];

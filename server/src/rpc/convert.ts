@@ -5,7 +5,7 @@ import { HostState, KeyState, Role, VolumeFormat, type Guest, type Host, type Vo
 import { errors } from '../../../shared/src/errors.js';
 import type { HostConnection } from '../agent/agent-hub.js';
 import type { GuestRecord, GuestStatusRecord, HostRecord, VolumeStatusRecord, KeyStateName, KeyVersionRecord, RoleName, VolumeFormatName, VolumeRecord } from '../domain/model.js';
-import { FORMAT_TO_API } from '../vault/key-vault.js';
+import { FORMAT_TO_API } from '../../../shared/src/formats.js';
 import { createHash } from 'node:crypto';
 
 const KEY_STATE_TO_API: Readonly<Record<KeyStateName, KeyState>> = {

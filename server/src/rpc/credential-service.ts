@@ -7,7 +7,8 @@ import { errors } from '../../../shared/src/errors.js';
 import type { Clock } from '../domain/clock.js';
 import { checkName } from '../domain/volume-spec.js';
 import type { CertificateIssuer } from '../pki/issuer.js';
-import { actorOf, normalizeSerial } from './auth.js';
+import { actorOf } from './auth.js';
+import { normalizeSerial } from '../domain/serial.js';
 import { credentialRoleFromApi } from './convert.js';
 import { unary, type RpcContext } from './handler.js';
 
@@ -45,6 +46,10 @@ export function createCredentialService(deps: CredentialServiceDeps): Credential
       if (c.role === 'host') throw errors.precondition('host certificates are revoked with `virtkm host revoke`');
       if (c.revokedAt !== null) throw errors.precondition('certificate is already revoked');
       await store.write((tx) => {
+        // Checked in the transaction: two concurrent revocations cannot both pass it.
+        if (c.role === 'admin' && tx.countActiveCertificates('admin') <= 1) {
+          throw errors.precondition('this is the last admin credential', { hint: 'create another admin credential first' });
+        }
         tx.revokeCertificate(serial, clock.now().toISOString());
         tx.appendAudit({ actor: actorOf(p), action: 'credential.revoke', target: serial, outcome: 'ok', detail: { name: c.name, role: c.role } });
       });

@@ -18,6 +18,8 @@ export interface EnrollmentServiceDeps extends RpcContext {
   issuer: CertificateIssuer;
   /** Validity of host certificates in days. */
   hostCertDays: number;
+  /** The main listener's address for agents ("" when unknown or a wildcard). */
+  apiAddress: () => string;
 }
 
 /** Creates the grpc-js implementation of EnrollmentService. */
@@ -63,7 +65,7 @@ export function createEnrollmentService(deps: EnrollmentServiceDeps): Enrollment
       tx.appendAudit({ actor: `host:${h.name}`, action: 'host.enroll', target: h.id, outcome: 'ok', detail: { token_id: token.id, serial: cert.serial, reenrolled: existing !== undefined } });
       return h;
     });
-    return { hostId: host.id, host: host.name, certificatePem: cert.certPem, caCertificatePem: issuer.caCertPem };
+    return { hostId: host.id, host: host.name, certificatePem: cert.certPem, caCertificatePem: issuer.caCertPem, apiAddress: deps.apiAddress() };
   };
   return {
     enroll: (call, callback) => {

@@ -24,6 +24,7 @@ export interface GuestServiceDeps extends RpcContext {
 
 const ROLES = ['admin', 'frontend'] as const;
 const MAX_VOLUMES = 64;
+const MAX_GUEST_PAGE = 100;
 
 /** Creates the grpc-js implementation of GuestService. */
 export function createGuestService(deps: GuestServiceDeps): GuestServiceServer {
@@ -76,7 +77,8 @@ export function createGuestService(deps: GuestServiceDeps): GuestServiceServer {
     getGuest: unary(deps, 'GetGuest', ROLES, (req) => ({ guest: show(resolveGuest(store, req.guest)) })),
     listGuests: unary(deps, 'ListGuests', ROLES, (req) => {
       const page = store.listGuests({
-        pageSize: pageSize(req.page?.pageSize ?? 0),
+        // At most 100 guests a page: 100 domain XMLs of 256 KiB stay far below the response limit.
+        pageSize: Math.min(pageSize(req.page?.pageSize ?? 0), MAX_GUEST_PAGE),
         pageToken: req.page?.pageToken ?? '',
         ...(req.namePrefix ? { namePrefix: req.namePrefix } : {}),
         ...(req.host ? { hostId: resolveHost(store, req.host).id } : {}),
@@ -91,18 +93,18 @@ export function createGuestService(deps: GuestServiceDeps): GuestServiceServer {
       const moved = await store.write((tx) => {
         const current = tx.getGuest(g.id);
         if (!current) throw errors.notFound(`guest "${g.name}"`);
-        if (current.handoffFromHostId !== null) {
+        if (current.handoffFromHostId !== null && !req.force) {
           throw errors.precondition(`guest "${g.name}" is still being moved`, { hint: 'wait until the destination host confirms (see `virtkm guest show`)' });
         }
         // The source keeps the guest (stopped, keys kept) until the destination confirms;
         // an unplaced guest has no source to hand over from.
-        const next: GuestRecord = { ...current, hostId: to.id, handoffFromHostId: current.hostId, updatedAt: clock.now().toISOString(), generation: current.generation + 1 };
+        const next: GuestRecord = { ...current, hostId: to.id, handoffFromHostId: req.force ? null : current.hostId, updatedAt: clock.now().toISOString(), generation: current.generation + 1 };
         tx.upsertGuest(next);
-        for (const h of [current.hostId, to.id]) if (h) tx.bumpHostRevision(h);
-        tx.appendAudit({ actor: actorOf(p), action: 'guest.move', target: g.id, outcome: 'ok', detail: { name: g.name, from: from || null, to: to.name } });
+        for (const h of new Set([current.hostId, current.handoffFromHostId, to.id])) if (h) tx.bumpHostRevision(h);
+        tx.appendAudit({ actor: actorOf(p), action: 'guest.move', target: g.id, outcome: 'ok', detail: { name: g.name, from: from || null, to: to.name, force: req.force } });
         return next;
       });
-      notifier.hostsChanged([moved.hostId, moved.handoffFromHostId]);
+      notifier.hostsChanged([moved.hostId, moved.handoffFromHostId, g.hostId, g.handoffFromHostId]);
       return { guest: show(moved) };
     }),
     deleteGuest: unary(deps, 'DeleteGuest', ROLES, async (req, p) => {

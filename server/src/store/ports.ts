@@ -94,6 +94,8 @@ export interface StoreReader {
 
   getEnrollmentToken(id: string): EnrollmentTokenRecord | undefined;
   getCertificate(serial: string): CertificateRecord | undefined;
+  /** Certificates of a role that are not revoked (expired ones included). */
+  countActiveCertificates(role: string): number;
 
   listAuditEvents(q: AuditQuery): Page<AuditRecord>;
   verifyAuditLog(): AuditVerification;

@@ -55,6 +55,12 @@ export interface SqliteStoreOptions {
   maxBatch?: number;
   /** Clock for audit timestamps (default: system clock). */
   now?: () => Date;
+  /**
+   * Hold an exclusive lock on the database for as long as the store is open, so a second
+   * server on the same data directory refuses to start (the kernel drops the lock if the
+   * process dies). The server sets this; tools that read the file alongside must not.
+   */
+  exclusive?: boolean;
   /** Testing only. */
   hooks?: SqliteStoreTestHooks;
 }
@@ -330,6 +336,7 @@ function prepareStatements(db: Database.Database) {
     tokenExists: db.prepare<[string], number>('SELECT 1 FROM enrollment_tokens WHERE id = ?').pluck(),
 
     // Certificates.
+    countActiveCertificates: db.prepare<[string], number>('SELECT count(*) FROM certificates WHERE role = ? AND revoked_at IS NULL').pluck(),
     getCertificate: db.prepare<[string], CertificateRow>(`SELECT ${CERT_COLS} FROM certificates WHERE serial = ?`),
     insertCertificate: db.prepare<[string, string, string, string, string, string | null]>(
       `INSERT INTO certificates (${CERT_COLS}) VALUES (?, ?, ?, ?, ?, ?)`,
@@ -627,6 +634,22 @@ function tightenMode(path: string, logger: Logger): void {
   }
 }
 
+/** Takes and keeps the exclusive lock (see SqliteStoreOptions.exclusive). */
+function lockExclusive(db: Database.Database): void {
+  db.pragma('locking_mode = EXCLUSIVE');
+  db.pragma('busy_timeout = 0');
+  try {
+    db.exec('BEGIN EXCLUSIVE; COMMIT');
+  } catch (err) {
+    if ((err as { code?: string }).code === 'SQLITE_BUSY') {
+      throw errors.precondition('the database is in use by another process', { hint: 'is another virtkm-server running on this data directory?', cause: err });
+    }
+    throw err;
+  } finally {
+    db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
+  }
+}
+
 function configure(db: Database.Database, memory: boolean): void {
   const mode = db.pragma('journal_mode = WAL', { simple: true });
   if (!memory && mode !== 'wal') throw new Error(`could not enable WAL journal (got ${String(mode)})`);
@@ -851,6 +874,10 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
   getEnrollmentToken(id: string): EnrollmentTokenRecord | undefined {
     const r = this.#s.getToken.get(id);
     return r && toToken(r);
+  }
+
+  countActiveCertificates(role: string): number {
+    return this.#s.countActiveCertificates.get(role) ?? 0;
   }
 
   getCertificate(serial: string): CertificateRecord | undefined {
@@ -1256,6 +1283,7 @@ export function openSqliteStore(options: SqliteStoreOptions): SqliteStore {
   const db = new Database(options.path, { timeout: BUSY_TIMEOUT_MS });
   try {
     configure(db, memory);
+    if (options.exclusive && !memory) lockExclusive(db);
     if (!memory) {
       // SQLite gives -wal/-shm the main file's mode; tighten leftovers of a looser past.
       tightenMode(`${options.path}-wal`, logger);
@@ -1275,6 +1303,9 @@ export function openSqliteStore(options: SqliteStoreOptions): SqliteStore {
     return store;
   } catch (err) {
     db.close();
+    if ((err as { code?: string }).code === 'SQLITE_BUSY') {
+      throw errors.precondition('the database is in use by another process', { hint: 'is another virtkm-server running on this data directory?', cause: err });
+    }
     throw err;
   }
 }

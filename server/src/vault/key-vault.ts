@@ -3,24 +3,16 @@
  * the unsealed master key, creates and seals new secrets, and turns a sealed secret into a
  * key packet sealed to one host. The store it is used with sees ciphertext only.
  */
-import type { SealedKeyPacket} from '../../../shared/src/api.js';
-import { KeyPacket, VolumeFormat } from '../../../shared/src/api.js';
+import { KeyPacket, type SealedKeyPacket } from '../../../shared/src/api.js';
+import { FORMAT_TO_API } from '../../../shared/src/formats.js';
 import { sealToRecipient, type BoxRecipient } from '../../../shared/src/box.js';
 import { DecryptionError, destroyWrappingKey, open, seal, volumeSecretAad, type WrappingKey } from '../../../shared/src/envelope.js';
 import { errors } from '../../../shared/src/errors.js';
 import { randomSecret, wipe } from '../../../shared/src/secret-bytes.js';
-import type { KeyVersionRecord, VolumeFormatName, VolumeRecord } from '../domain/model.js';
+import type { KeyVersionRecord, VolumeRecord } from '../domain/model.js';
 
 /** Type tag inside every key packet. */
 export const KEY_PACKET_TYPE = 'virtkm.keypacket.v1';
-
-/** API enum value of each format. */
-export const FORMAT_TO_API: Readonly<Record<VolumeFormatName, VolumeFormat>> = Object.freeze({
-  luks: VolumeFormat.VOLUME_FORMAT_LUKS,
-  'qcow2-luks': VolumeFormat.VOLUME_FORMAT_QCOW2_LUKS,
-  luks2: VolumeFormat.VOLUME_FORMAT_LUKS2,
-  plain: VolumeFormat.VOLUME_FORMAT_PLAIN,
-});
 
 /** The host a packet is for. */
 export interface PacketRecipient {

@@ -1,0 +1,286 @@
+/**
+ * Contract tests of the real libvirt adapter (host-agent/src/libvirt/libvirt-ffi.ts) against
+ * a real libvirtd and real QEMU guests, started by test/helpers/libvirt-harness.ts. Skipped,
+ * with the reason in the title, where the machine cannot run libvirtd.
+ *
+ * Everything a test defines is named with this run's id and removed in teardown through
+ * virsh, independently of the adapter, even when the test fails.
+ */
+import anyTest, { type ExecutionContext, type TestFn } from 'ava';
+import { randomBytes, randomUUID } from 'node:crypto';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { DomainError, type ErrorKind } from '../../shared/src/errors.js';
+import { createLibvirtFfi } from '../../host-agent/src/libvirt/libvirt-ffi.js';
+import type { Libvirt } from '../../host-agent/src/libvirt/ports.js';
+import { WRONG_KEY_MESSAGE } from '../../host-agent/src/libvirt/errors.js';
+import {
+  bootSector,
+  createLuksImage,
+  ensureLibvirtd,
+  forceCleanup,
+  guestDir,
+  guestDomainXml,
+  libvirtTest,
+  virsh,
+  waitForFileText,
+} from '../helpers/libvirt-harness.js';
+
+interface Ctx {
+  lv: Libvirt;
+  /** Registers names and UUIDs for teardown through virsh. */
+  track(t: ExecutionContext<Ctx>, what: { domains?: string[]; secrets?: string[] }): void;
+}
+const test = anyTest as TestFn<Ctx>;
+
+const env = await ensureLibvirtd();
+const RUN = randomBytes(3).toString('hex');
+const BOOT_MESSAGE = 'VIRTKM-BOOT-OK';
+
+test.before((t) => {
+  for (const note of env.notes) t.log(`harness: ${note}`);
+});
+
+test.beforeEach((t) => {
+  t.context.lv = createLibvirtFfi();
+  t.context.track = (tt, what) => {
+    tt.teardown(() => forceCleanup(what.domains ?? [], what.secrets ?? []));
+  };
+});
+
+test.afterEach.always(async (t) => {
+  await t.context.lv.close();
+});
+
+async function rejectsKind(t: ExecutionContext<Ctx>, p: Promise<unknown>, kind: ErrorKind): Promise<DomainError> {
+  const err = await t.throwsAsync(p, { instanceOf: DomainError });
+  t.is(err?.kind, kind, `expected ${kind}, got ${err?.kind}: ${err?.message}`);
+  return err as DomainError;
+}
+
+function secretListed(uuid: string): boolean {
+  return virsh(['secret-list']).stdout.includes(uuid);
+}
+
+libvirtTest(test, env, 'secret: private and ephemeral, value set through the API, hidden from virsh, listed as virtkm, undefined', async (t) => {
+  const { lv } = t.context;
+  const uuid = randomUUID();
+  const volumeId = `vol-${RUN}-a`;
+  t.context.track(t, { secrets: [uuid] });
+
+  await lv.secrets.define({ uuid, volumeId, description: `virtkm test ${RUN} <&>` });
+  const key = randomBytes(32);
+  await lv.secrets.setValue(uuid, key);
+  t.true(key.some((b) => b !== 0), 'the caller keeps its buffer; the adapter wipes only its own copy');
+
+  // private='yes': libvirt never hands the value out, not even to root through virsh.
+  const get = virsh(['secret-get-value', uuid]);
+  t.not(get.code, 0);
+  t.is(get.stdout.trim(), '');
+  t.regex(get.stderr, /private/i);
+  // ephemeral='yes': nothing written under /etc/libvirt/secrets.
+  t.false(existsSync(`/etc/libvirt/secrets/${uuid}.xml`));
+  t.false(existsSync(`/etc/libvirt/secrets/${uuid}.base64`));
+
+  const listed = (await lv.secrets.list()).find((s) => s.uuid === uuid);
+  t.like(listed, { uuid, usageType: 'volume', usageId: `virtkm:${volumeId}`, volumeId, description: `virtkm test ${RUN} <&>`, private: true, ephemeral: true });
+  t.true(secretListed(uuid));
+
+  await lv.secrets.undefine(uuid);
+  t.false(secretListed(uuid), 'virsh secret-list no longer shows it');
+  t.falsy((await lv.secrets.list()).find((s) => s.uuid === uuid));
+  await rejectsKind(t, lv.secrets.undefine(uuid), 'not_found');
+  await rejectsKind(t, lv.secrets.setValue(uuid, key), 'not_found');
+});
+
+libvirtTest(test, env, 'secret: define is idempotent; UUIDs and volumes of other secrets and foreign secrets are left alone', async (t) => {
+  const { lv } = t.context;
+  const uuid = randomUUID();
+  const other = randomUUID();
+  const foreign = randomUUID();
+  const volumeId = `vol-${RUN}-b`;
+  t.context.track(t, { secrets: [uuid, other, foreign] });
+
+  await lv.secrets.define({ uuid, volumeId, description: 'first' });
+  await lv.secrets.define({ uuid, volumeId, description: 'again' });
+  t.is((await lv.secrets.list()).find((s) => s.uuid === uuid)?.description, 'again');
+  await rejectsKind(t, lv.secrets.define({ uuid, volumeId: `${volumeId}-x`, description: 'x' }), 'already_exists');
+  await rejectsKind(t, lv.secrets.define({ uuid: other, volumeId, description: 'x' }), 'already_exists');
+  t.false(secretListed(other));
+
+  // A secret someone else made (usage without the virtkm: prefix).
+  const dir = guestDir();
+  t.teardown(dir.remove);
+  const xmlFile = join(dir.path, 'foreign.xml');
+  writeFileSync(xmlFile, `<secret ephemeral='yes' private='no'><uuid>${foreign}</uuid><usage type='volume'><volume>/srv/other-${RUN}.img</volume></usage></secret>`);
+  t.is(virsh(['secret-define', xmlFile]).code, 0);
+  const listed = (await lv.secrets.list()).find((s) => s.uuid === foreign);
+  t.like(listed, { usageType: 'volume', usageId: `/srv/other-${RUN}.img`, volumeId: undefined, private: false });
+  await rejectsKind(t, lv.secrets.setValue(foreign, Buffer.from('x')), 'failed_precondition');
+  await rejectsKind(t, lv.secrets.undefine(foreign), 'failed_precondition');
+  await rejectsKind(t, lv.secrets.define({ uuid: foreign, volumeId: `vol-${RUN}-c`, description: 'x' }), 'already_exists');
+  t.true(secretListed(foreign), 'the foreign secret is untouched');
+
+  await rejectsKind(t, lv.secrets.define({ uuid: 'NOT-A-UUID', volumeId, description: '' }), 'invalid_argument');
+  await rejectsKind(t, lv.secrets.define({ uuid: randomUUID(), volumeId: 'bad volume/id', description: '' }), 'invalid_argument');
+  await lv.secrets.undefine(uuid);
+});
+
+libvirtTest(test, env, 'domain: the virtkm marker round-trips through define, list and xml; unknown names are not_found', async (t) => {
+  const { lv } = t.context;
+  const name = `vkt-${RUN}-meta`;
+  const foreignName = `vkt-${RUN}-foreign`;
+  t.context.track(t, { domains: [name, foreignName] });
+
+  const xml = guestDomainXml({ name, domainType: env.domainType, marker: { guestId: `g-${RUN}`, generation: 3 } });
+  const defined = await lv.domains.define(xml);
+  t.is(defined.name, name);
+  t.regex(defined.uuid, /^[0-9a-f-]{36}$/);
+  const info = (await lv.domains.list()).find((d) => d.name === name);
+  t.deepEqual(info, { name, uuid: defined.uuid, state: 'shutoff', autostart: false, persistent: true, marker: { guestId: `g-${RUN}`, generation: 3 } });
+  t.is(await lv.domains.state(name), 'shutoff');
+  t.true((await lv.domains.xml(name)).includes('urn:virtkm:1'));
+
+  // Redefinition with the UUID: the new generation shows, the UUID stays.
+  const next = xml.replace(`<name>${name}</name>`, `<name>${name}</name>\n  <uuid>${defined.uuid}</uuid>`).replace('generation="3"', 'generation="4"');
+  t.deepEqual(await lv.domains.define(next), defined);
+  t.is((await lv.domains.list()).find((d) => d.name === name)?.marker?.generation, 4);
+  // Without the UUID libvirt would refuse with a generic error: the adapter says why.
+  await rejectsKind(t, lv.domains.define(xml), 'already_exists');
+
+  const missing = `vkt-${RUN}-missing`;
+  t.is(await lv.domains.state(missing), undefined);
+  await rejectsKind(t, lv.domains.start(missing), 'not_found');
+  await rejectsKind(t, lv.domains.destroy(missing), 'not_found');
+  await rejectsKind(t, lv.domains.undefine(missing), 'not_found');
+  await rejectsKind(t, lv.domains.xml(missing), 'not_found');
+
+  // XML without the marker is refused; a domain someone else defined is never touched.
+  await rejectsKind(t, lv.domains.define(guestDomainXml({ name: foreignName, domainType: env.domainType })), 'invalid_argument');
+  const dir = guestDir();
+  t.teardown(dir.remove);
+  const foreignFile = join(dir.path, 'foreign.xml');
+  writeFileSync(foreignFile, guestDomainXml({ name: foreignName, domainType: env.domainType }));
+  t.is(virsh(['define', foreignFile]).code, 0);
+  t.is((await lv.domains.list()).find((d) => d.name === foreignName)?.marker, undefined);
+  await rejectsKind(t, lv.domains.start(foreignName), 'failed_precondition');
+  await rejectsKind(t, lv.domains.undefine(foreignName), 'failed_precondition');
+  await rejectsKind(t, lv.domains.define(guestDomainXml({ name: foreignName, domainType: env.domainType, marker: { guestId: 'x', generation: 1 } })), 'already_exists');
+  t.is(await lv.domains.state(foreignName), 'shutoff');
+
+  await rejectsKind(t, lv.domains.define('<domain type="kvm"><name>broken'), 'invalid_argument');
+  await rejectsKind(
+    t,
+    lv.domains.define(xml.replace(`<name>${name}</name>`, `<name>vkt-${RUN}-bad</name>`).replace('<vcpu>1</vcpu>', '<vcpu>1</vcpu><no-such-element/>')),
+    'invalid_argument',
+  );
+
+  await lv.domains.undefine(name);
+  t.is(await lv.domains.state(name), undefined);
+});
+
+/** Sets up an encrypted guest whose disk opens with `key`; returns its names. */
+async function encryptedGuest(t: ExecutionContext<Ctx>, label: string, key: Buffer): Promise<{ name: string; secret: string; serialLog: string }> {
+  const { lv } = t.context;
+  const name = `vkt-${RUN}-${label}`;
+  const secret = randomUUID();
+  t.context.track(t, { domains: [name], secrets: [secret] });
+  const dir = guestDir();
+  t.teardown(dir.remove);
+  const image = join(dir.path, 'disk.luks');
+  const serialLog = join(dir.path, 'serial.log');
+  const started = Date.now();
+  await createLuksImage(image, key, { content: bootSector(BOOT_MESSAGE) });
+  t.log(`LUKS image with boot sector created in ${Date.now() - started} ms`);
+  await lv.secrets.define({ uuid: secret, volumeId: `vol-${RUN}-${label}`, description: `disk of ${name}` });
+  await lv.domains.define(guestDomainXml({ name, domainType: env.domainType, marker: { guestId: `g-${RUN}-${label}`, generation: 1 }, disk: { path: image, secretUuid: secret }, serialLog }));
+  return { name, secret, serialLog };
+}
+
+libvirtTest(test, env, 'domain: a guest boots from its LUKS disk with the right key, then is destroyed and undefined', async (t) => {
+  const { lv } = t.context;
+  const key = randomBytes(32);
+  const g = await encryptedGuest(t, 'boot', key);
+  await lv.secrets.setValue(g.secret, key);
+
+  let started = Date.now();
+  await lv.domains.start(g.name);
+  t.log(`start (${env.domainType}) took ${Date.now() - started} ms`);
+  t.is(await lv.domains.state(g.name), 'running');
+  // The boot sector only exists inside the encrypted payload: seeing its message on the
+  // serial port shows that QEMU decrypted the disk with the key set through the adapter.
+  started = Date.now();
+  t.true(await waitForFileText(g.serialLog, BOOT_MESSAGE, 60_000), `serial log: ${existsSync(g.serialLog) ? readFileSync(g.serialLog, 'latin1') : '(none)'}`);
+  t.log(`boot message after ${Date.now() - started} ms`);
+
+  const again = await rejectsKind(t, lv.domains.start(g.name), 'failed_precondition');
+  t.regex(again.message, /already running/);
+  started = Date.now();
+  await lv.domains.destroy(g.name);
+  t.log(`destroy took ${Date.now() - started} ms`);
+  t.is(await lv.domains.state(g.name), 'shutoff');
+  await rejectsKind(t, lv.domains.destroy(g.name), 'failed_precondition');
+  await lv.domains.undefine(g.name);
+  t.is(await lv.domains.state(g.name), undefined);
+  await lv.secrets.undefine(g.secret);
+  t.false(secretListed(g.secret));
+});
+
+libvirtTest(test, env, 'domain: with a wrong secret value the start fails with failed_precondition "wrong key"', async (t) => {
+  const { lv } = t.context;
+  const key = randomBytes(32);
+  const g = await encryptedGuest(t, 'wrongkey', key);
+  const wrong = Buffer.from(key);
+  wrong[0] = (wrong[0] ?? 0) ^ 0xff;
+  await lv.secrets.setValue(g.secret, wrong);
+
+  const err = await rejectsKind(t, lv.domains.start(g.name), 'failed_precondition');
+  t.is(err.message, `domain "${g.name}": ${WRONG_KEY_MESSAGE}`);
+  t.false(/\/tmp|\/var|disk\.luks/.test(err.message), 'no paths in the message');
+  t.truthy(err.cause, "libvirt's message is kept as the cause, for the agent log");
+  t.is(await lv.domains.state(g.name), 'shutoff');
+
+  // With the right value the same guest starts: nothing was damaged by the failed attempt.
+  await lv.secrets.setValue(g.secret, key);
+  await lv.domains.start(g.name);
+  t.is(await lv.domains.state(g.name), 'running');
+  await lv.domains.destroy(g.name);
+  await lv.domains.undefine(g.name);
+  await lv.secrets.undefine(g.secret);
+});
+
+libvirtTest(test, env, 'secrets: 200 defined and set concurrently, listed, undefined (timing)', async (t) => {
+  const { lv } = t.context;
+  const uuids = Array.from({ length: 200 }, () => randomUUID());
+  t.context.track(t, { secrets: uuids });
+  const key = randomBytes(32);
+  let started = Date.now();
+  await Promise.all(
+    uuids.map(async (uuid, i) => {
+      await lv.secrets.define({ uuid, volumeId: `vol-${RUN}-bulk-${i}`, description: `bulk ${i}` });
+      await lv.secrets.setValue(uuid, key);
+    }),
+  );
+  const defineMs = Date.now() - started;
+  started = Date.now();
+  const mine = (await lv.secrets.list()).filter((s) => s.volumeId?.startsWith(`vol-${RUN}-bulk-`));
+  const listMs = Date.now() - started;
+  t.is(mine.length, 200);
+  started = Date.now();
+  await Promise.all(uuids.map((uuid) => lv.secrets.undefine(uuid)));
+  const undefineMs = Date.now() - started;
+  t.log(`200 secrets: define + set value ${defineMs} ms, list ${listMs} ms, undefine ${undefineMs} ms`);
+  t.true(defineMs < 2000, `200 secrets defined and set in ${defineMs} ms (target: 2 s)`);
+});
+
+libvirtTest(test, env, 'connection: unavailable when libvirtd cannot be reached, with a hint', async (t) => {
+  const lv = createLibvirtFfi({ uri: `qemu+unix:///system?socket=/nonexistent/virtkm-${RUN}` });
+  try {
+    const err = await rejectsKind(t, lv.domains.list(), 'unavailable');
+    t.truthy(err.hint);
+    t.false(err.message.includes('/nonexistent'), 'the path stays in the cause');
+  } finally {
+    await lv.close();
+  }
+  await rejectsKind(t, lv.secrets.list(), 'unavailable');
+});

@@ -1,0 +1,193 @@
+/**
+ * Tests of shared/src/run-tool.ts. The children are tiny `sh -c` scripts: that is fine
+ * here (the script is a constant of the test), never in production code.
+ */
+import test from 'ava';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { readdirSync, readFileSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { DomainError, isDomainError } from '../../shared/src/errors.js';
+import { CRYPTSETUP_EXIT_KINDS, TOOL_ENV, runTool, toolError } from '../../shared/src/run-tool.js';
+
+/** Hex dump of what `od` printed, spaces and newlines removed. */
+function odHex(text: string): string {
+  return text.replace(/\s+/g, '');
+}
+
+/** PIDs of running processes whose argv contains `marker`. */
+function pidsWithArg(marker: string): number[] {
+  const pids: number[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const argv = readFileSync(`/proc/${name}/cmdline`).toString('latin1').split('\0');
+      if (argv.includes(marker)) pids.push(Number(name));
+    } catch {
+      // The process ended meanwhile.
+    }
+  }
+  return pids;
+}
+
+async function waitForPid(marker: string, timeoutMs = 5000): Promise<number> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const [pid] = pidsWithArg(marker);
+    if (pid !== undefined) return pid;
+    await sleep(20);
+  }
+  throw new Error(`no process with argument ${marker}`);
+}
+
+async function rejection(promise: Promise<unknown>): Promise<DomainError> {
+  try {
+    await promise;
+  } catch (err) {
+    if (isDomainError(err)) return err;
+    throw err;
+  }
+  throw new Error('expected a rejection');
+}
+
+test('captures exit code, stdout and stderr', async (t) => {
+  const r = await runTool('sh', ['-c', 'echo out; echo err >&2; exit 7']);
+  t.is(r.code, 7);
+  t.is(r.stdout, 'out\n');
+  t.is(r.stderr, 'err\n');
+  t.false(r.truncated);
+});
+
+test('arguments are never parsed by a shell', async (t) => {
+  const r = await runTool('printf', ['%s|', '$(id)', '; rm -rf /', '`x`', "'q'"]);
+  t.is(r.stdout, "$(id)|; rm -rf /|`x`|'q'|");
+});
+
+test('the child gets the fixed environment and nothing else', async (t) => {
+  process.env['VIRTKM_RUN_TOOL_LEAK_CHECK'] = 'should-not-reach-children';
+  try {
+    const r = await runTool('env', []);
+    const lines = r.stdout.trim().split('\n').sort();
+    t.deepEqual(lines, Object.entries(TOOL_ENV).map(([k, v]) => `${k}=${v}`).sort());
+  } finally {
+    delete process.env['VIRTKM_RUN_TOOL_LEAK_CHECK'];
+  }
+});
+
+test('stdin delivers raw bytes, NUL and newline included, and is not wiped by runTool', async (t) => {
+  const secret = Buffer.from([0x00, 0x0a, 0xff, 0x41, 0x00, 0x0d, 0x0a, 0x80]);
+  const r = await runTool('od', ['-An', '-tx1', '-v'], { stdin: secret });
+  t.is(r.code, 0);
+  t.is(odHex(r.stdout), secret.toString('hex'));
+  t.deepEqual([...secret], [0x00, 0x0a, 0xff, 0x41, 0x00, 0x0d, 0x0a, 0x80], 'the caller owns and wipes the buffer');
+});
+
+test('fds[0] and fds[1] arrive on /dev/fd/3 and /dev/fd/4 (opened by path, as QEMU does)', async (t) => {
+  const a = Buffer.from([0x00, 0x01, 0x0a, 0xfe]);
+  const b = Buffer.from([0x0a, 0x0a, 0x00]);
+  const r = await runTool('sh', ['-c', 'od -An -tx1 -v /dev/fd/3; echo -; od -An -tx1 -v /dev/fd/4'], { fds: [a, b] });
+  t.is(r.code, 0, r.stderr);
+  const [first, second] = r.stdout.split('-\n');
+  t.is(odHex(first ?? ''), a.toString('hex'));
+  t.is(odHex(second ?? ''), b.toString('hex'));
+});
+
+test('a payload larger than a pipe buffer arrives intact on fd 3', async (t) => {
+  const big = randomBytes(1 << 20);
+  const r = await runTool('sha256sum', ['/dev/fd/3'], { fds: [big] });
+  t.is(r.stdout.split(' ')[0], createHash('sha256').update(big).digest('hex'));
+});
+
+test('a child that never reads its fd or stdin does not hang the call', async (t) => {
+  const r = await runTool('true', [], { fds: [randomBytes(1 << 20)], stdin: randomBytes(1 << 20) });
+  t.is(r.code, 0);
+});
+
+test('the secret never shows in the running child\'s /proc/PID/cmdline or environ', async (t) => {
+  const marker = `virtkm-test-${randomUUID()}`;
+  const secret = randomBytes(32);
+  const controller = new AbortController();
+  const run = runTool('sh', ['-c', 'cat /dev/fd/3 >/dev/null; cat >/dev/null; while :; do sleep 0.05; done', marker], {
+    fds: [secret],
+    stdin: secret,
+    signal: controller.signal,
+  });
+  const pid = await waitForPid(marker);
+  const cmdline = readFileSync(`/proc/${pid}/cmdline`);
+  const environ = readFileSync(`/proc/${pid}/environ`);
+  controller.abort();
+  const err = await rejection(run);
+  t.is(err.kind, 'unavailable');
+  for (const [name, bytes] of [['cmdline', cmdline], ['environ', environ]] as const) {
+    t.is(bytes.indexOf(secret), -1, `${name} holds the raw secret`);
+    t.false(bytes.toString('latin1').toLowerCase().includes(secret.toString('hex')), `${name} holds the secret in hex`);
+    t.false(bytes.toString('latin1').includes(secret.toString('base64')), `${name} holds the secret in base64`);
+  }
+  t.deepEqual(environ.toString('latin1').split('\0').filter(Boolean).sort(), Object.entries(TOOL_ENV).map(([k, v]) => `${k}=${v}`).sort());
+});
+
+test('the timeout kills the child, with SIGKILL when it ignores SIGTERM', async (t) => {
+  const marker = `virtkm-test-${randomUUID()}`;
+  const started = Date.now();
+  const err = await rejection(runTool('sh', ['-c', 'trap "" TERM; while :; do sleep 0.05; done', marker], { timeoutMs: 200, killGraceMs: 300 }));
+  const elapsed = Date.now() - started;
+  t.is(err.kind, 'unavailable');
+  t.regex(err.message, /timed out/);
+  t.true(elapsed >= 450 && elapsed < 4000, `settled after ${elapsed} ms`);
+  t.deepEqual(pidsWithArg(marker), [], 'the child is gone when the call settles');
+});
+
+test('aborting kills the child and rejects; an already aborted signal starts nothing', async (t) => {
+  const marker = `virtkm-test-${randomUUID()}`;
+  const controller = new AbortController();
+  const run = runTool('sh', ['-c', 'while :; do sleep 0.05; done', marker], { signal: controller.signal });
+  await waitForPid(marker);
+  controller.abort();
+  const err = await rejection(run);
+  t.is(err.kind, 'unavailable');
+  t.regex(err.message, /cancelled/);
+  t.deepEqual(pidsWithArg(marker), []);
+
+  const marker2 = `virtkm-test-${randomUUID()}`;
+  const err2 = await rejection(runTool('sh', ['-c', 'sleep 5', marker2], { signal: AbortSignal.abort() }));
+  t.is(err2.kind, 'unavailable');
+  t.deepEqual(pidsWithArg(marker2), []);
+});
+
+test('captured output is bounded, the child still runs to the end', async (t) => {
+  const r = await runTool('sh', ['-c', 'head -c 3000000 /dev/zero; head -c 5000 /dev/zero >&2; echo done >&2'], { maxOutputBytes: 1000 });
+  t.is(r.code, 0);
+  t.is(r.stdout.length, 1000);
+  t.is(r.stderr.length, 1000);
+  t.true(r.truncated);
+});
+
+test('a missing binary is unavailable with a hint naming the Debian package', async (t) => {
+  const known = await rejection(runTool('/nonexistent/dir/cryptsetup', ['--version']));
+  t.is(known.kind, 'unavailable');
+  t.regex(known.hint ?? '', /cryptsetup-bin/);
+  t.false(known.message.includes('/nonexistent'), 'no path in the message');
+
+  const unknown = await rejection(runTool('virtkm-no-such-tool', []));
+  t.is(unknown.kind, 'unavailable');
+  t.truthy(unknown.hint);
+
+  const custom = await rejection(runTool('virtkm-no-such-tool', [], { debianPackage: 'some-package' }));
+  t.regex(custom.hint ?? '', /some-package/);
+});
+
+test('a child killed by a signal reports 128 + the signal number', async (t) => {
+  const r = await runTool('sh', ['-c', 'kill -KILL $$']);
+  t.is(r.code, 128 + 9);
+});
+
+test('toolError maps exit codes through the table, keeps stderr out of the message', (t) => {
+  const result = { code: 2, stdout: '', stderr: 'No key available with this passphrase. /secret/path', truncated: false };
+  const err = toolError('cryptsetup', result, CRYPTSETUP_EXIT_KINDS);
+  t.is(err.kind, 'permission_denied');
+  t.is(err.message, 'cryptsetup failed (exit 2)');
+  t.regex(String((err.cause as Error).message), /No key available/);
+  t.is(toolError('cryptsetup', { ...result, code: 4 }, CRYPTSETUP_EXIT_KINDS).kind, 'not_found');
+  t.is(toolError('cryptsetup', { ...result, code: 5 }, CRYPTSETUP_EXIT_KINDS).kind, 'failed_precondition');
+  t.is(toolError('cryptsetup', { ...result, code: 99 }, CRYPTSETUP_EXIT_KINDS).kind, 'internal');
+  t.is(toolError('qemu-img', { ...result, code: 1 }).kind, 'internal');
+});
