@@ -12,8 +12,8 @@ import {
   KeyPacket,
   VolumeFormat,
   VolumePhase,
+  DesiredState,
   type DesiredGuest,
-  type DesiredState,
   type GuestStatus,
   type HostReport,
   type VolumeStatus,
@@ -61,6 +61,11 @@ export function mappingName(volumeId: string): string {
 
 function reasonOf(err: unknown): string {
   return isDomainError(err) ? err.message : 'internal error (see the agent log)';
+}
+
+/** A copy of a desired state without key packets (what the cache keeps of it). */
+export function withoutPackets(d: DesiredState): DesiredState {
+  return { ...d, guests: d.guests.map((g) => ({ ...g, volumes: g.volumes.map((v) => ({ ...v, packet: undefined })) })) };
 }
 
 /** Opens the key packets of a desired state; packets for another host or volume are refused. */
@@ -211,8 +216,9 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
     if (!dmReason) {
       for (const m of await dmcrypt.list()) if (!neededMappings.has(m)) await dmcrypt.close(m).catch((err: unknown) => logger.warn('closing a mapping failed', { name: m, ...describeError(err) }));
     }
-    // The cache keeps exactly the keys of desired volumes; dropped ones are wiped.
-    if (!offline) cache.replace(keep);
+    // The cache keeps exactly the keys of desired volumes (dropped ones are wiped) and the
+    // desired state itself without key packets, for starting guests while offline.
+    if (!offline) cache.replace(keep, DesiredState.encode(withoutPackets(desired)).finish());
   } finally {
     for (const k of packets.values()) wipe(k);
     if (offline) for (const k of keep) wipe(k.secret);

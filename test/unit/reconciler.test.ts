@@ -1,0 +1,202 @@
+/**
+ * The agent's reconciler against fakes of libvirt, the image tools and dm-crypt (the real
+ * ones are covered by the libvirt and images integration tests), with the real key cache,
+ * real key packets and real domain XML rendering.
+ */
+import anyTest, { type TestFn } from 'ava';
+import { randomBytes, randomUUID } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { GuestPhase, KeyPacket, VolumeFormat, VolumePhase, type DesiredGuest, type DesiredState } from '../../shared/src/api.js';
+import { boxRecipient, generateBoxKeyPair, sealToRecipient, type BoxKeyPair } from '../../shared/src/box.js';
+import { generateWrappingKey } from '../../shared/src/envelope.js';
+import { silentLogger } from '../../shared/src/log.js';
+import { loadSodium } from '../../shared/src/sodium.js';
+import { openKeyCache, type KeyCache } from '../../host-agent/src/cache/key-cache.js';
+import { imagePath, reconcile, type ReconcilerDeps } from '../../host-agent/src/reconcile/reconciler.js';
+import type { DmCryptPort, ImageInfo, ImagePort } from '../../host-agent/src/reconcile/ports.js';
+import { createFakeLibvirt, type FakeLibvirt } from '../fakes/fake-libvirt.js';
+
+interface Ctx {
+  dir: string;
+  box: BoxKeyPair;
+  hostId: string;
+  libvirt: FakeLibvirt;
+  images: ImagePort & { files: Map<string, { kind: ImageInfo['kind']; key: Buffer }>; created: string[] };
+  cache: KeyCache;
+  deps: ReconcilerDeps;
+}
+const test = anyTest as TestFn<Ctx>;
+
+test.before(async () => {
+  await loadSodium();
+});
+
+test.beforeEach((t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'virtkm-reconcile-'));
+  const box = generateBoxKeyPair();
+  const hostId = randomUUID();
+  const libvirt = createFakeLibvirt();
+  const files = new Map<string, { kind: ImageInfo['kind']; key: Buffer }>();
+  const created: string[] = [];
+  const images = {
+    files,
+    created,
+    async create(spec: { path: string; format: string }, secret: Uint8Array) {
+      if (files.has(spec.path)) throw new Error('exists');
+      files.set(spec.path, { kind: spec.format === 'luks' ? 'luks1' : spec.format === 'qcow2-luks' ? 'qcow2-luks' : spec.format === 'luks2' ? 'luks2' : 'raw', key: Buffer.from(secret) });
+      libvirt.imageKeys.set(spec.path, Buffer.from(secret));
+      created.push(spec.path);
+    },
+    async inspect(path: string): Promise<ImageInfo> {
+      const f = files.get(path);
+      return f ? { exists: true, kind: f.kind } : { exists: false, kind: 'missing' };
+    },
+    async testKey(path: string, _spec: unknown, secret: Uint8Array) {
+      return files.get(path)?.key.equals(Buffer.from(secret)) ?? false;
+    },
+  } as Ctx['images'];
+  const dmcrypt: DmCryptPort = {
+    unavailableReason: async () => 'no device-mapper in this kernel',
+    open: async () => {
+      throw new Error('unreachable');
+    },
+    close: async () => undefined,
+    list: async () => [],
+  };
+  const cache = openKeyCache(join(dir, 'cache'), generateWrappingKey(), hostId);
+  t.context = { dir, box, hostId, libvirt, images, cache, deps: { hostId, box, libvirt, images, dmcrypt, cache, imageDir: dir, logger: silentLogger } };
+});
+
+test.afterEach.always((t) => {
+  t.context.cache.close();
+  rmSync(t.context.dir, { recursive: true, force: true });
+});
+
+/** A desired guest with one luks volume, its packet sealed to `box` for `hostId`. */
+function guest(t: { context: Ctx }, o: { secret: Buffer; volumeId?: string; run?: boolean; autostart?: boolean; format?: VolumeFormat; mayCreate?: boolean; packetHost?: string; generation?: bigint; guestId?: string }): DesiredGuest {
+  const volumeId = o.volumeId ?? randomUUID();
+  const packet = KeyPacket.encode({ type: 'virtkm.keypacket.v1', volumeId, keyVersion: 1, hostId: o.packetHost ?? t.context.hostId, mechanism: o.format ?? VolumeFormat.VOLUME_FORMAT_LUKS, cipher: undefined, sizeBytes: 1n << 30n, secret: o.secret, issuedAt: '' }).finish();
+  const name = `g-${volumeId.slice(0, 8)}`;
+  return {
+    guestId: o.guestId ?? randomUUID(),
+    name,
+    domainXml: `<domain type='kvm'><name>${name}</name><memory unit='MiB'>64</memory><devices><disk type='volume' device='disk'><source pool='virtkm' volume='vol-${volumeId.slice(0, 8)}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`,
+    autostart: o.autostart ?? true,
+    generation: o.generation ?? 1n,
+    run: o.run ?? true,
+    volumes: [
+      {
+        volumeId,
+        name: `vol-${volumeId.slice(0, 8)}`,
+        format: o.format ?? VolumeFormat.VOLUME_FORMAT_LUKS,
+        cipher: { cipher: 'aes-xts-plain64', keySizeBits: 512, sectorSize: 512 },
+        sizeBytes: 1n << 30n,
+        keyVersion: 1,
+        packet: { volumeId, keyVersion: 1, sealed: Buffer.from(sealToRecipient(packet, boxRecipient(t.context.box.publicKey))) },
+        mayCreate: o.mayCreate ?? true,
+      },
+    ],
+  };
+}
+const state = (revision: bigint, guests: DesiredGuest[]): DesiredState => ({ revision, guests, issuedAt: '' });
+
+test('creates the image, defines the secret and domain, starts it; the same state again changes nothing', async (t) => {
+  const secret = randomBytes(32);
+  const g = guest(t, { secret });
+  const r1 = await reconcile(state(1n, [g]), t.context.deps);
+  t.is(r1.guests[0]!.phase, GuestPhase.GUEST_PHASE_RUNNING, r1.guests[0]!.reason);
+  t.is(r1.volumes[0]!.phase, VolumePhase.VOLUME_PHASE_READY);
+  t.true(r1.volumes[0]!.created);
+  t.is(t.context.images.created.length, 1);
+  const xml = t.context.libvirt.domainXml.get(g.name)!;
+  t.regex(xml, /<encryption format="luks">/);
+  t.regex(xml, new RegExp(`<source file="${imagePath(t.context.dir, g.volumes[0]!.volumeId, 'luks')}"/>`));
+  t.regex(xml, /<virtkm:guest xmlns:virtkm="urn:virtkm:1" id="[^"]+" generation="1"\/>/);
+  t.false(xml.includes("pool='virtkm'") || xml.includes('pool="virtkm"'), 'no managed-pool reference reaches libvirt');
+  const secretValue = [...t.context.libvirt.secretValues.values()][0]!;
+  t.true(secretValue.equals(secret));
+
+  const r2 = await reconcile(state(1n, [g]), t.context.deps);
+  t.is(r2.guests[0]!.phase, GuestPhase.GUEST_PHASE_RUNNING);
+  t.false(r2.volumes[0]!.created);
+  t.is(t.context.images.created.length, 1, 'idempotent: no second image');
+  // The cache file never holds the secret in clear.
+  t.is(readFileSync(join(t.context.dir, 'cache')).indexOf(secret), -1);
+});
+
+test('fails closed: a wrong key, a missing image that existed, or an image of another kind is reported, never repaired', async (t) => {
+  const secret = randomBytes(32);
+  const wrong = guest(t, { secret });
+  const path = imagePath(t.context.dir, wrong.volumes[0]!.volumeId, 'luks');
+  t.context.images.files.set(path, { kind: 'luks1', key: randomBytes(32) });
+  const r = await reconcile(state(1n, [wrong]), t.context.deps);
+  t.is(r.volumes[0]!.phase, VolumePhase.VOLUME_PHASE_WRONG_KEY);
+  t.is(r.guests[0]!.phase, GuestPhase.GUEST_PHASE_FAILED);
+  t.regex(r.guests[0]!.reason, /wrong key/);
+  t.is(t.context.libvirt.domainXml.size, 0, 'no domain is defined over a disk that does not open');
+
+  const gone = guest(t, { secret: randomBytes(32), mayCreate: false });
+  const r2 = await reconcile(state(2n, [gone]), t.context.deps);
+  t.is(r2.volumes[0]!.phase, VolumePhase.VOLUME_PHASE_MISSING);
+  t.is(t.context.images.created.length, 0);
+
+  const raw = guest(t, { secret: randomBytes(32) });
+  t.context.images.files.set(imagePath(t.context.dir, raw.volumes[0]!.volumeId, 'luks'), { kind: 'raw', key: Buffer.alloc(0) });
+  const r3 = await reconcile(state(3n, [raw]), t.context.deps);
+  t.is(r3.volumes[0]!.phase, VolumePhase.VOLUME_PHASE_FAILED);
+  t.regex(r3.volumes[0]!.reason, /image is raw, expected luks1/);
+});
+
+test('a packet sealed for another host is refused; dm-crypt volumes report why they cannot open here', async (t) => {
+  const foreign = guest(t, { secret: randomBytes(32), packetHost: randomUUID() });
+  const r = await reconcile(state(1n, [foreign]), t.context.deps);
+  t.is(r.volumes[0]!.phase, VolumePhase.VOLUME_PHASE_PENDING);
+  t.is(r.volumes[0]!.reason, 'no key yet');
+  const dm = guest(t, { secret: randomBytes(32), format: VolumeFormat.VOLUME_FORMAT_LUKS2 });
+  const r2 = await reconcile(state(2n, [dm]), t.context.deps);
+  t.is(r2.volumes[0]!.phase, VolumePhase.VOLUME_PHASE_FAILED);
+  t.regex(r2.volumes[0]!.reason, /dm-crypt unavailable: no device-mapper/);
+});
+
+test('a guest no longer desired is stopped, undefined, its secret removed and its key dropped from the cache', async (t) => {
+  const secret = randomBytes(32);
+  const g = guest(t, { secret });
+  await reconcile(state(1n, [g]), t.context.deps);
+  t.is(t.context.cache.entries().length, 1);
+  const r = await reconcile(state(2n, []), t.context.deps);
+  t.deepEqual(r.guests.map((x) => [x.guestId, x.phase]), [[g.guestId, GuestPhase.GUEST_PHASE_WIPED]]);
+  t.is(t.context.libvirt.domainXml.size, 0);
+  t.is(t.context.libvirt.secretValues.size, 0);
+  t.is(t.context.cache.entries().length, 0);
+  t.is(readFileSync(join(t.context.dir, 'cache')).indexOf(secret), -1);
+  t.true(t.context.images.files.has(imagePath(t.context.dir, g.volumes[0]!.volumeId, 'luks')), 'images stay unless deleted on purpose');
+});
+
+test('run=false stops a running guest and keeps it defined (the source side of a move)', async (t) => {
+  const g = guest(t, { secret: randomBytes(32) });
+  await reconcile(state(1n, [g]), t.context.deps);
+  const r = await reconcile(state(2n, [{ ...g, run: false, generation: 2n, volumes: g.volumes.map((v) => ({ ...v, packet: undefined })) }]), t.context.deps);
+  t.is(r.guests[0]!.phase, GuestPhase.GUEST_PHASE_STOPPED);
+  t.is(t.context.libvirt.states.get(g.name), 'shutoff');
+  t.is(r.volumes[0]!.phase, VolumePhase.VOLUME_PHASE_READY, 'the cached key still serves');
+});
+
+test('offline: after a restart the cached state starts autostart guests only, with keys from the cache', async (t) => {
+  const a = guest(t, { secret: randomBytes(32), autostart: true });
+  const b = guest(t, { secret: randomBytes(32), autostart: false });
+  await reconcile(state(1n, [a, b]), t.context.deps);
+  // "Reboot": libvirt forgets ephemeral secrets and domains stop; the cache file survives.
+  for (const uuid of [...t.context.libvirt.secretValues.keys()]) await t.context.libvirt.secrets.undefine(uuid);
+  for (const name of t.context.libvirt.states.keys()) t.context.libvirt.states.set(name, 'shutoff');
+  const cached = t.context.cache.lastDesired();
+  t.truthy(cached);
+  const { DesiredState: DS } = await import('../../shared/src/api.js');
+  const desired = DS.decode(cached!);
+  t.true(desired.guests.every((g) => g.volumes.every((v) => v.packet === undefined)), 'the cache keeps no packets');
+  const r = await reconcile(desired, t.context.deps, true);
+  const phases = Object.fromEntries(r.guests.map((g) => [g.guestId, g.phase]));
+  t.is(phases[a.guestId], GuestPhase.GUEST_PHASE_RUNNING);
+  t.is(phases[b.guestId], GuestPhase.GUEST_PHASE_DEFINED);
+});
