@@ -7,6 +7,7 @@
  */
 import { DomainError } from '../../shared/src/errors.js';
 import { parseVirtkmMarker } from '../../host-agent/src/libvirt/xml.js';
+import { isPassphraseUtf8 } from '../../host-agent/src/libvirt/secret-value.js';
 import type { DomainInfo, DomainState, Libvirt, SecretInfo } from '../../host-agent/src/libvirt/ports.js';
 
 /** The fake and what tests inspect. */
@@ -14,7 +15,7 @@ export interface FakeLibvirt extends Libvirt {
   secretValues: Map<string, Buffer>;
   domainXml: Map<string, string>;
   states: Map<string, DomainState>;
-  /** Image path -> the key that opens it, consulted at start. */
+  /** Image path -> the passphrase that opens it, consulted at start. */
   imageKeys: Map<string, Buffer>;
 }
 
@@ -36,6 +37,8 @@ export function createFakeLibvirt(): FakeLibvirt {
       },
       async setValue(uuid, value) {
         if (!secretMeta.has(uuid)) throw notFound('secret');
+        // As the real adapter: QEMU only takes UTF-8 passphrases without NUL bytes.
+        if (!isPassphraseUtf8(value)) throw new DomainError('invalid_argument', 'secret value must be valid UTF-8 without NUL bytes');
         secretValues.set(uuid, Buffer.from(value));
       },
       async undefine(uuid) {

@@ -17,6 +17,7 @@ import { openKeyCache, type KeyCache } from '../../host-agent/src/cache/key-cach
 import { imagePath, reconcile, type ReconcilerDeps } from '../../host-agent/src/reconcile/reconciler.js';
 import type { DmCryptPort, ImageInfo, ImagePort } from '../../host-agent/src/reconcile/ports.js';
 import { createFakeLibvirt, type FakeLibvirt } from '../fakes/fake-libvirt.js';
+import { luksPassphrase } from '../../host-agent/src/images/passphrase.js';
 
 interface Ctx {
   dir: string;
@@ -46,7 +47,7 @@ test.beforeEach((t) => {
     async create(spec: { path: string; format: string }, secret: Uint8Array) {
       if (files.has(spec.path)) throw new Error('exists');
       files.set(spec.path, { kind: spec.format === 'luks' ? 'luks1' : spec.format === 'qcow2-luks' ? 'qcow2-luks' : spec.format === 'luks2' ? 'luks2' : 'raw', key: Buffer.from(secret) });
-      libvirt.imageKeys.set(spec.path, Buffer.from(secret));
+      libvirt.imageKeys.set(spec.path, luksPassphrase(secret));
       created.push(spec.path);
     },
     async inspect(path: string): Promise<ImageInfo> {
@@ -116,7 +117,7 @@ test('creates the image, defines the secret and domain, starts it; the same stat
   t.regex(xml, /<virtkm:guest xmlns:virtkm="urn:virtkm:1" id="[^"]+" generation="1"\/>/);
   t.false(xml.includes("pool='virtkm'") || xml.includes('pool="virtkm"'), 'no managed-pool reference reaches libvirt');
   const secretValue = [...t.context.libvirt.secretValues.values()][0]!;
-  t.true(secretValue.equals(secret));
+  t.true(secretValue.equals(luksPassphrase(secret)), 'libvirt gets the hex passphrase the image was made with');
 
   const r2 = await reconcile(state(1n, [g]), t.context.deps);
   t.is(r2.guests[0]!.phase, GuestPhase.GUEST_PHASE_RUNNING);

@@ -23,6 +23,7 @@ import { isDomainError } from '../../../shared/src/errors.js';
 import { describeError, type Logger } from '../../../shared/src/log.js';
 import { ownedCopy, wipe } from '../../../shared/src/secret-bytes.js';
 import type { CachedKey, KeyCache } from '../cache/key-cache.js';
+import { luksPassphrase } from '../images/passphrase.js';
 import type { Libvirt } from '../libvirt/ports.js';
 import { expectedKind, type AgentVolumeFormat, type DmCryptPort, type ImagePort, type ImageSpec } from './ports.js';
 import { renderDomainXml, secretUuidFor, type HostVolume } from './render-domain.js';
@@ -172,7 +173,14 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           const secretUuid = secretUuidFor(dv.volumeId, dv.keyVersion, sha256);
           if (format === 'luks' || format === 'qcow2-luks') {
             await libvirt.secrets.define({ uuid: secretUuid, volumeId: dv.volumeId, description: `virtkm volume ${dv.name} key v${dv.keyVersion}` });
-            await libvirt.secrets.setValue(secretUuid, secret);
+            // libvirt hands the value to QEMU, which wants the same hex passphrase the image
+            // was made with (see images/passphrase.ts).
+            const passphrase = luksPassphrase(secret);
+            try {
+              await libvirt.secrets.setValue(secretUuid, passphrase);
+            } finally {
+              wipe(passphrase);
+            }
             neededSecrets.add(secretUuid);
           } else if (dmReason) {
             status.phase = VolumePhase.VOLUME_PHASE_FAILED;
@@ -245,7 +253,8 @@ async function reconcileGuest(g: DesiredGuest, vols: HostVolume[], blocked: stri
         await libvirt.domains.undefine(existing.name);
         state = undefined;
       }
-      const xml = await renderDomainXml({ xml: g.domainXml, guestId: g.guestId, name: g.name, generation: g.generation, volumes: vols });
+      const keepUuid = existing && existing.name === g.name ? { uuid: existing.uuid } : {};
+      const xml = await renderDomainXml({ xml: g.domainXml, guestId: g.guestId, name: g.name, generation: g.generation, volumes: vols, ...keepUuid });
       await libvirt.domains.define(xml);
       state ??= 'shutoff';
       logger.info('domain defined', { guest_id: g.guestId, name: g.name, generation: g.generation });

@@ -32,11 +32,13 @@ function list(node: Node, key: string): Node[] {
 }
 
 /** Renders the host-side domain XML for a guest. */
-export async function renderDomainXml(opts: { xml: string; guestId: string; name: string; generation: bigint; volumes: HostVolume[] }): Promise<string> {
+export async function renderDomainXml(opts: { xml: string; guestId: string; name: string; generation: bigint; volumes: HostVolume[]; uuid?: string }): Promise<string> {
   const doc = (await parser().parseStringPromise(opts.xml)) as { domain?: Node } | null;
   const domain = doc?.domain;
   if (!domain || typeof domain !== 'object') throw errors.invalid('stored domain XML has no <domain>');
   domain['name'] = [opts.name];
+  // libvirt redefines a domain only when the XML names its existing UUID.
+  if (opts.uuid) domain['uuid'] = [opts.uuid];
   const byRef = new Map<string, HostVolume>();
   for (const v of opts.volumes) {
     byRef.set(v.volumeId, v);
