@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent setup of a Debian 12 machine for building and testing virtkm:
+# Idempotent setup of a Debian 12 machine for building and testing virtkm
+# (`--host-tools` adds libvirt, QEMU, qemu-img, cryptsetup and keyutils for the tests):
 #   1. Debian packages, installed only when missing (apt-get update only if needed);
 #   2. npm dependencies (`npm ci`), only when node_modules is missing or stale;
 #   3. `npm run build` (buf generate + tsc).
@@ -17,6 +18,12 @@ die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
 # `npm ci` whenever a native addon (better-sqlite3, koffi) is compiled from source because
 # no prebuilt binary can be downloaded.
 APT_PACKAGES=(openssl sqlite3 procps ca-certificates python3 make g++)
+# With --host-tools (the test suite): what the agent drives on a libvirt host: libvirtd and
+# QEMU (KVM or TCG), qemu-img/qemu-io, cryptsetup, the kernel keyring tools.
+HOST_TOOL_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt0 qemu-system-x86 qemu-utils cryptsetup-bin keyutils)
+if [[ "${1:-}" == "--host-tools" ]]; then
+  APT_PACKAGES+=("${HOST_TOOL_PACKAGES[@]}")
+fi
 
 # ---------------------------------------------------------------------------------------
 # 1. Debian packages

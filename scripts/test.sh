@@ -44,7 +44,7 @@ run_quiet_npm() {
 }
 
 echo "== setup"
-if ! bash scripts/setup.sh </dev/null; then
+if ! bash scripts/setup.sh --host-tools </dev/null; then
   failed=$((failed + 1))
   extra_failures+=("setup (scripts/setup.sh failed)")
   if [[ ! -d node_modules/ava ]] || [[ -z "$(find dist/test -name '*.test.js' -print -quit 2>/dev/null)" ]]; then
