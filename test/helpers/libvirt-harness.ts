@@ -12,13 +12,15 @@
  *   const env = await ensureLibvirtd();
  *   libvirtTest(env, 'title', async (t) => { ... });   // "title (skipped: <reason>)" if needed
  *
- * Secrets reach qemu-img through a pipe on file descriptor 3 (`file=/dev/fd/3`), never argv.
+ * Secrets reach qemu-img through a pipe on file descriptor 3 (`file=/dev/fd/3`, through the
+ * project's runTool), never argv, environment or files.
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { chmodSync, chownSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ExecutionContext, TestFn } from 'ava';
+import { runTool, type ToolResult } from '../../shared/src/run-tool.js';
 import { escapeXml, formatVirtkmMarker } from '../../host-agent/src/libvirt/xml.js';
 import type { VirtkmMarker } from '../../host-agent/src/libvirt/ports.js';
 
@@ -202,11 +204,13 @@ export async function restartLibvirtd(): Promise<void> {
 
 /**
  * Registers an ava test, or a visibly skipped one (title + "(skipped: reason)") when the
- * libvirt environment is not available.
+ * libvirt environment is not available. `serial` tests run alone, before the others of the
+ * file (ava's rule).
  */
-export function libvirtTest<C>(test: TestFn<C>, env: LibvirtEnv, title: string, fn: (t: ExecutionContext<C>) => Promise<void>): void {
-  if (env.skipReason) test.skip(`${title} (skipped: ${env.skipReason})`, fn);
-  else test(title, fn);
+export function libvirtTest<C>(test: TestFn<C>, env: LibvirtEnv, title: string, fn: (t: ExecutionContext<C>) => Promise<void>, options: { serial?: boolean } = {}): void {
+  const register = options.serial ? test.serial : test;
+  if (env.skipReason) register.skip(`${title} (skipped: ${env.skipReason})`, fn);
+  else register(title, fn);
 }
 
 // ----- images and guests -----------------------------------------------------------------
@@ -241,29 +245,6 @@ export function bootSector(message: string): Buffer {
   return sector;
 }
 
-/** Runs a command with `secret` readable on its fd 3 (a pipe), nothing secret in argv. */
-export function runWithSecretFd(file: string, args: string[], secret: Uint8Array, timeoutMs = 120_000): Promise<CommandResult> {
-  return new Promise((resolve) => {
-    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.stdout?.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
-    const fd3 = child.stdio[3] as NodeJS.WritableStream | null;
-    fd3?.on('error', () => undefined); // EPIPE if the tool exits without reading
-    fd3?.end(Buffer.from(secret));
-    child.on('error', (err) => {
-      clearTimeout(timer);
-      resolve({ code: -1, stdout, stderr: String(err) });
-    });
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code: code ?? -1, stdout, stderr });
-    });
-  });
-}
-
 /** Options of createLuksImage. */
 export interface LuksImageOptions {
   /** Size of a blank image in MiB (ignored with `content`). Default 16. */
@@ -282,7 +263,7 @@ export interface LuksImageOptions {
  */
 export async function createLuksImage(path: string, key: Uint8Array, options: LuksImageOptions = {}): Promise<void> {
   const iter = Math.max(50, options.iterTimeMs ?? 50);
-  const secretObject = 'secret,id=s0,file=/dev/fd/3';
+  const secretObject = 'secret,id=s0,format=raw,file=/dev/fd/3';
   let raw: string | undefined;
   let args: string[];
   if (options.content) {
@@ -295,10 +276,10 @@ export async function createLuksImage(path: string, key: Uint8Array, options: Lu
     args = ['create', '-q', '-f', 'luks', '--object', secretObject, '-o', `key-secret=s0,iter-time=${iter}`, path, `${options.sizeMiB ?? 16}M`];
   }
   try {
-    let last: CommandResult | undefined;
+    let last: ToolResult | undefined;
     for (let attempt = 0; attempt < 8; attempt++) {
       rmSync(path, { force: true });
-      last = await runWithSecretFd('qemu-img', args, key);
+      last = await runTool('qemu-img', args, { fds: [key], timeoutMs: 120_000 });
       if (last.code === 0) return;
     }
     throw new Error(`qemu-img ${args[0]} failed 8 times: ${last?.stderr.trim()}`);
@@ -371,13 +352,37 @@ export async function waitForFileText(file: string, text: string, timeoutMs = 30
 }
 
 /**
- * Best-effort removal of a test domain and secrets through virsh (independent of the
- * adapter under test), for teardown after failures. Errors are ignored.
+ * Best-effort removal of test domains and secrets through virsh (independent of the
+ * adapter under test), for teardown after failures. Only what still exists is touched;
+ * errors are ignored.
  */
 export function forceCleanup(domains: string[], secretUuids: string[]): void {
-  for (const name of domains) {
-    virsh(['destroy', name]);
-    virsh(['undefine', name, '--nvram']);
+  if (domains.length > 0) {
+    const present = new Set(virsh(['list', '--all', '--name']).stdout.split('\n').map((l) => l.trim()));
+    for (const name of domains.filter((d) => present.has(d))) {
+      virsh(['destroy', name]);
+      virsh(['undefine', name, '--nvram']);
+    }
   }
-  for (const uuid of secretUuids) virsh(['secret-undefine', uuid]);
+  if (secretUuids.length > 0) {
+    const listed = virsh(['secret-list']).stdout;
+    for (const uuid of secretUuids.filter((u) => listed.includes(u))) virsh(['secret-undefine', uuid]);
+  }
+}
+
+/**
+ * Removes every domain whose name starts with `domainPrefix` and every secret whose usage
+ * starts with `usagePrefix` (for an after.always sweep of one test run).
+ */
+export function sweep(domainPrefix: string, usagePrefix: string): void {
+  const domains = virsh(['list', '--all', '--name'])
+    .stdout.split('\n')
+    .map((l) => l.trim())
+    .filter((n) => n.startsWith(domainPrefix));
+  const secrets = virsh(['secret-list'])
+    .stdout.split('\n')
+    .map((l) => l.trim().split(/\s+/))
+    .filter((cols) => cols.length >= 2 && (cols[1] ?? '').startsWith('volume') && (cols[2] ?? '').startsWith(usagePrefix))
+    .map((cols) => cols[0] as string);
+  forceCleanup(domains, secrets);
 }

@@ -7,13 +7,14 @@
  * virsh, independently of the adapter, even when the test fails.
  */
 import anyTest, { type ExecutionContext, type TestFn } from 'ava';
+import { spawnSync } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { DomainError, type ErrorKind } from '../../shared/src/errors.js';
 import { createLibvirtFfi } from '../../host-agent/src/libvirt/libvirt-ffi.js';
 import type { Libvirt } from '../../host-agent/src/libvirt/ports.js';
-import { WRONG_KEY_MESSAGE } from '../../host-agent/src/libvirt/errors.js';
+import { DISK_UNAVAILABLE_MESSAGE, SECRET_MISSING_MESSAGE, WRONG_KEY_MESSAGE } from '../../host-agent/src/libvirt/errors.js';
 import {
   bootSector,
   createLuksImage,
@@ -22,6 +23,7 @@ import {
   guestDir,
   guestDomainXml,
   libvirtTest,
+  sweep,
   virsh,
   waitForFileText,
 } from '../helpers/libvirt-harness.js';
@@ -37,8 +39,18 @@ const env = await ensureLibvirtd();
 const RUN = randomBytes(3).toString('hex');
 const BOOT_MESSAGE = 'VIRTKM-BOOT-OK';
 
+/** A disk key as virtkm would give it to QEMU: 32 random bytes, hex-encoded (QEMU wants UTF-8). */
+function hexKey(): Buffer {
+  return Buffer.from(randomBytes(32).toString('hex'), 'latin1');
+}
+
 test.before((t) => {
   for (const note of env.notes) t.log(`harness: ${note}`);
+});
+
+// Whatever a crashed test left behind of this run (teardowns cover the normal paths).
+test.after.always(() => {
+  if (!env.skipReason) sweep(`vkt-${RUN}-`, `virtkm:vol-${RUN}-`);
 });
 
 test.beforeEach((t) => {
@@ -69,7 +81,7 @@ libvirtTest(test, env, 'secret: private and ephemeral, value set through the API
   t.context.track(t, { secrets: [uuid] });
 
   await lv.secrets.define({ uuid, volumeId, description: `virtkm test ${RUN} <&>` });
-  const key = randomBytes(32);
+  const key = hexKey();
   await lv.secrets.setValue(uuid, key);
   t.true(key.some((b) => b !== 0), 'the caller keeps its buffer; the adapter wipes only its own copy');
 
@@ -121,6 +133,9 @@ libvirtTest(test, env, 'secret: define is idempotent; UUIDs and volumes of other
   await rejectsKind(t, lv.secrets.define({ uuid: foreign, volumeId: `vol-${RUN}-c`, description: 'x' }), 'already_exists');
   t.true(secretListed(foreign), 'the foreign secret is untouched');
 
+  // Raw key bytes would make QEMU refuse the passphrase at start: refused up front.
+  await rejectsKind(t, lv.secrets.setValue(uuid, Buffer.from([0x41, 0xff, 0x00, 0x42])), 'invalid_argument');
+  await rejectsKind(t, lv.secrets.setValue(uuid, new Uint8Array(0)), 'invalid_argument');
   await rejectsKind(t, lv.secrets.define({ uuid: 'NOT-A-UUID', volumeId, description: '' }), 'invalid_argument');
   await rejectsKind(t, lv.secrets.define({ uuid: randomUUID(), volumeId: 'bad volume/id', description: '' }), 'invalid_argument');
   await lv.secrets.undefine(uuid);
@@ -199,7 +214,7 @@ async function encryptedGuest(t: ExecutionContext<Ctx>, label: string, key: Buff
 
 libvirtTest(test, env, 'domain: a guest boots from its LUKS disk with the right key, then is destroyed and undefined', async (t) => {
   const { lv } = t.context;
-  const key = randomBytes(32);
+  const key = hexKey();
   const g = await encryptedGuest(t, 'boot', key);
   await lv.secrets.setValue(g.secret, key);
 
@@ -228,10 +243,9 @@ libvirtTest(test, env, 'domain: a guest boots from its LUKS disk with the right 
 
 libvirtTest(test, env, 'domain: with a wrong secret value the start fails with failed_precondition "wrong key"', async (t) => {
   const { lv } = t.context;
-  const key = randomBytes(32);
+  const key = hexKey();
   const g = await encryptedGuest(t, 'wrongkey', key);
-  const wrong = Buffer.from(key);
-  wrong[0] = (wrong[0] ?? 0) ^ 0xff;
+  const wrong = hexKey();
   await lv.secrets.setValue(g.secret, wrong);
 
   const err = await rejectsKind(t, lv.domains.start(g.name), 'failed_precondition');
@@ -249,11 +263,41 @@ libvirtTest(test, env, 'domain: with a wrong secret value the start fails with f
   await lv.secrets.undefine(g.secret);
 });
 
+libvirtTest(test, env, 'domain: a missing disk image, a missing secret and a secret without value fail start with failed_precondition', async (t) => {
+  const { lv } = t.context;
+  const dir = guestDir();
+  t.teardown(dir.remove);
+  const image = join(dir.path, 'plain.img');
+  writeFileSync(image, Buffer.alloc(1024 * 1024));
+  const noValue = randomUUID();
+  const withValue = randomUUID();
+  const cases = [
+    // libvirt looks up secrets before it touches images: this one needs a secret with a value.
+    { label: 'noimage', path: join(dir.path, 'missing.img'), secret: withValue, message: DISK_UNAVAILABLE_MESSAGE },
+    { label: 'nosecret', path: image, secret: randomUUID(), message: SECRET_MISSING_MESSAGE },
+    { label: 'novalue', path: image, secret: noValue, message: SECRET_MISSING_MESSAGE },
+  ];
+  t.context.track(t, { domains: cases.map((c) => `vkt-${RUN}-${c.label}`), secrets: [noValue, withValue] });
+  await lv.secrets.define({ uuid: noValue, volumeId: `vol-${RUN}-novalue`, description: 'never given a value' });
+  await lv.secrets.define({ uuid: withValue, volumeId: `vol-${RUN}-withvalue`, description: 'for a missing image' });
+  await lv.secrets.setValue(withValue, hexKey());
+  for (const c of cases) {
+    const name = `vkt-${RUN}-${c.label}`;
+    await lv.domains.define(guestDomainXml({ name, domainType: env.domainType, marker: { guestId: name, generation: 1 }, disk: { path: c.path, secretUuid: c.secret } }));
+    const err = await rejectsKind(t, lv.domains.start(name), 'failed_precondition');
+    t.is(err.message, `domain "${name}": ${c.message}`, c.label);
+    t.is(await lv.domains.state(name), 'shutoff');
+    await lv.domains.undefine(name);
+  }
+  await lv.secrets.undefine(noValue);
+  await lv.secrets.undefine(withValue);
+});
+
 libvirtTest(test, env, 'secrets: 200 defined and set concurrently, listed, undefined (timing)', async (t) => {
   const { lv } = t.context;
   const uuids = Array.from({ length: 200 }, () => randomUUID());
   t.context.track(t, { secrets: uuids });
-  const key = randomBytes(32);
+  const key = hexKey();
   let started = Date.now();
   await Promise.all(
     uuids.map(async (uuid, i) => {
@@ -271,7 +315,8 @@ libvirtTest(test, env, 'secrets: 200 defined and set concurrently, listed, undef
   const undefineMs = Date.now() - started;
   t.log(`200 secrets: define + set value ${defineMs} ms, list ${listMs} ms, undefine ${undefineMs} ms`);
   t.true(defineMs < 2000, `200 secrets defined and set in ${defineMs} ms (target: 2 s)`);
-});
+  // serial: measured alone, not next to qemu-img and QEMU starts of the other tests.
+}, { serial: true });
 
 libvirtTest(test, env, 'connection: unavailable when libvirtd cannot be reached, with a hint', async (t) => {
   const lv = createLibvirtFfi({ uri: `qemu+unix:///system?socket=/nonexistent/virtkm-${RUN}` });
@@ -284,3 +329,31 @@ libvirtTest(test, env, 'connection: unavailable when libvirtd cannot be reached,
   }
   await rejectsKind(t, lv.secrets.list(), 'unavailable');
 });
+
+/** Disconnects this process's client connections from libvirtd (as a libvirtd restart would). */
+function disconnectOurClients(): number {
+  const list = spawnSync('virt-admin', ['srv-clients-list', 'libvirtd'], { encoding: 'utf8' }).stdout;
+  let n = 0;
+  for (const id of list.split('\n').map((l) => l.trim().split(/\s+/)[0] ?? '').filter((x) => /^\d+$/.test(x))) {
+    const info = spawnSync('virt-admin', ['client-info', 'libvirtd', id], { encoding: 'utf8' }).stdout;
+    if (new RegExp(`^unix_process_id\\s*:\\s*${process.pid}$`, 'm').test(info)) {
+      if (spawnSync('virt-admin', ['client-disconnect', 'libvirtd', id]).status === 0) n++;
+    }
+  }
+  return n;
+}
+
+libvirtTest(test, env, 'connection: a lost connection is reopened; reads are retried once, start/destroy/undefine are not', async (t) => {
+  const lv = createLibvirtFfi({ connections: 1 });
+  t.teardown(() => lv.close());
+  await lv.secrets.list();
+  t.is(disconnectOurClients(), 1);
+  await t.notThrowsAsync(lv.secrets.list(), 'an idempotent read succeeds on a fresh connection');
+  t.is(disconnectOurClients(), 1);
+  const err = await rejectsKind(t, lv.domains.destroy(`vkt-${RUN}-none`), 'unavailable');
+  t.regex(err.message, /connection lost/);
+  await rejectsKind(t, lv.domains.destroy(`vkt-${RUN}-none`), 'not_found');
+  await lv.close();
+  await rejectsKind(t, lv.domains.list(), 'unavailable');
+  // serial: no other test of this file holds a connection meanwhile, so ours is the only one.
+}, { serial: true });

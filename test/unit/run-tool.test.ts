@@ -6,7 +6,7 @@ import test from 'ava';
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { DomainError, isDomainError } from '../../shared/src/errors.js';
+import { isDomainError, type DomainError } from '../../shared/src/errors.js';
 import { CRYPTSETUP_EXIT_KINDS, TOOL_ENV, runTool, toolError } from '../../shared/src/run-tool.js';
 
 /** Hex dump of what `od` printed, spaces and newlines removed. */

@@ -1,14 +1,14 @@
 #!/usr/bin/env node
 /**
- * Entry point of `virtkm-agent`, the daemon on each libvirt host. This issue delivers
- * enrollment; `run` (the reconcile stream, libvirt secrets, images, autostart cache) comes
- * with issue 3 and says so instead of pretending.
+ * Entry point of `virtkm-agent`, the daemon on each libvirt host: `enroll` once, then
+ * `run`. Parses the command line and hands over to the composition roots.
  */
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { isDomainError } from '../../../shared/src/errors.js';
 import { silenceIpServernameWarning } from '../../../shared/src/warnings.js';
 import { enrollCommand } from '../enroll/enroll-command.js';
+import { runAgentCommand } from '../agent/run-command.js';
 
 silenceIpServernameWarning();
 
@@ -30,11 +30,14 @@ program
 
 program
   .command('run')
-  .description('run the agent (not available yet: issue 3)')
+  .description('keep this host converged to what the server says: images, libvirt secrets and domains')
   .requiredOption('--state-dir <dir>', 'state directory made by enroll')
-  .action(() => {
-    process.stderr.write('virtkm-agent: run is not implemented yet (issue 3: reconcile stream, libvirt, images)\n');
-    process.exitCode = 1;
+  .option('--server <addr>', "the server's main listener HOST:PORT (default: from enrollment)")
+  .option('--image-dir <dir>', 'directory of the encrypted images (shared storage for moves)', '/var/lib/virtkm/images')
+  .option('--libvirt-uri <uri>', 'libvirt connection URI', 'qemu:///system')
+  .option('--log-level <level>', 'debug, info, warn or error', 'info')
+  .action(async (o) => {
+    await runAgentCommand(o);
   });
 
 try {

@@ -6,7 +6,9 @@
  *   DIR/box-key         the host's X25519 key pair: 32-byte secret || 32-byte public (0600)
  *   DIR/cert.pem        the host certificate issued at enrollment
  *   DIR/ca.pem          the server's CA certificate (pinned by the enrollment token)
- *   DIR/host.json       {"host_id", "host", "server"}: identity and where to connect
+ *   DIR/host.json       {"host_id", "host", "server", "enroll_server"}: identity, where to connect
+ *   DIR/cache.key       the host key sealing the key cache: 8-byte id || 32 bytes (0600)
+ *   DIR/key-cache       the sealed key cache (0600), see cache/key-cache.ts
  */
 import { join } from 'node:path';
 
@@ -18,6 +20,8 @@ export interface AgentStatePaths {
   cert: string;
   ca: string;
   hostJson: string;
+  cacheKey: string;
+  cache: string;
 }
 
 /** The paths inside `dir`. */
@@ -29,5 +33,7 @@ export function agentStatePaths(dir: string): AgentStatePaths {
     cert: join(dir, 'cert.pem'),
     ca: join(dir, 'ca.pem'),
     hostJson: join(dir, 'host.json'),
+    cacheKey: join(dir, 'cache.key'),
+    cache: join(dir, 'key-cache'),
   };
 }

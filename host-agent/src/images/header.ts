@@ -47,8 +47,8 @@ function view(bytes: Uint8Array): DataView {
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
-/** The LUKS UUID at offset 168, when present and well-formed. */
-function luksUuid(bytes: Uint8Array): string | undefined {
+/** The LUKS UUID at offset 168 (primary or LUKS2 secondary header), when present and well-formed. */
+export function parseLuksUuid(bytes: Uint8Array): string | undefined {
   if (bytes.length < 168 + 36) return undefined;
   const field = Buffer.from(bytes.buffer, bytes.byteOffset + 168, Math.min(40, bytes.length - 168));
   const end = field.indexOf(0);
@@ -70,7 +70,7 @@ export function parseImageHeader(bytes: Uint8Array): HeaderFacts {
       throw errors.precondition('the image has a LUKS header of an unknown version', { hint: 'it is treated as encrypted and left alone' });
     }
     const facts: HeaderFacts = { type: 'luks', version };
-    const uuid = luksUuid(bytes);
+    const uuid = parseLuksUuid(bytes);
     if (uuid) facts.uuid = uuid;
     if (version === 1 && bytes.length >= 108) facts.payloadOffsetBytes = BigInt(view(bytes).getUint32(104)) * 512n;
     return facts;

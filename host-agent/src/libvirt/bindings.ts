@@ -19,10 +19,11 @@
  * per connection so that copy belongs to the call that just failed. libvirt's default error
  * handler would print every error on stderr: a no-op handler replaces it (registered once).
  */
+import type koffiModule from 'koffi';
 import { DomainError } from '../../../shared/src/errors.js';
 import type { LibvirtErrorInfo } from './errors.js';
 
-type Koffi = (typeof import('koffi'))['default'];
+type Koffi = typeof koffiModule;
 
 /** A native function declared through koffi: callable synchronously or with .async. */
 export interface NativeFn {

@@ -46,6 +46,8 @@ export const VirFrom = {
   RPC: 7,
   QEMU: 10,
   REMOTE: 13,
+  STORAGE: 18,
+  SECURITY: 24,
   SECRET: 30,
 } as const;
 
@@ -129,6 +131,10 @@ export interface LibvirtOperation {
 export const START_FAILED_MESSAGE = 'the guest failed to start (details in the agent log)';
 /** Message of a start failure caused by a disk key that opens no keyslot. */
 export const WRONG_KEY_MESSAGE = 'cannot unlock the disk: wrong key';
+/** Message of a start failure caused by a disk image libvirt cannot access (missing, unreadable). */
+export const DISK_UNAVAILABLE_MESSAGE = 'a disk image cannot be accessed (details in the agent log)';
+/** Message of a start failure caused by a referenced libvirt secret that is missing or has no value. */
+export const SECRET_MISSING_MESSAGE = "a disk's libvirt secret is missing or has no value";
 
 /**
  * QEMU's text for a LUKS passphrase that opens no keyslot (crypto/block-luks.c, unchanged
@@ -153,11 +159,23 @@ export function toDomainError(cause: LibvirtCallError, operation: LibvirtOperati
       return new DomainError('unavailable', `libvirt is unavailable (${op})`, { cause });
     }
   }
-  // QEMU refused to start (exited before its monitor came up): the host or the disks are
-  // not as the definition needs them. A failed precondition of this guest, not a virtkm bug.
-  if (op === 'domain.start' && cause.domain === VirFrom.QEMU && (cause.code === VirErr.INTERNAL_ERROR || cause.code === VirErr.OPERATION_FAILED)) {
-    const wrongKey = cause.message.includes(QEMU_LUKS_BAD_KEY_TEXT);
-    return new DomainError('failed_precondition', `${subject}: ${wrongKey ? WRONG_KEY_MESSAGE : START_FAILED_MESSAGE}`, { cause });
+  // A secret a domain refers to (its disk encryption) is missing or has no value: the
+  // domain itself exists, so this is not the domain's not_found.
+  if (op.startsWith('domain.') && cause.code === VirErr.NO_SECRET) {
+    return new DomainError('failed_precondition', `${subject}: ${SECRET_MISSING_MESSAGE}`, { cause });
+  }
+  if (op === 'domain.start') {
+    // The storage driver could not access a disk image (missing file, permissions).
+    if (cause.domain === VirFrom.STORAGE && kindOfLibvirtCode(cause.code) === 'internal') {
+      return new DomainError('failed_precondition', `${subject}: ${DISK_UNAVAILABLE_MESSAGE}`, { cause });
+    }
+    // QEMU refused to start (exited before its monitor came up), or libvirt could not label
+    // its files: the host or the disks are not as the definition needs them. A failed
+    // precondition of this guest, not a virtkm bug.
+    if ((cause.domain === VirFrom.QEMU || cause.domain === VirFrom.SECURITY) && kindOfLibvirtCode(cause.code) === 'internal') {
+      const wrongKey = cause.domain === VirFrom.QEMU && cause.message.includes(QEMU_LUKS_BAD_KEY_TEXT);
+      return new DomainError('failed_precondition', `${subject}: ${wrongKey ? WRONG_KEY_MESSAGE : START_FAILED_MESSAGE}`, { cause });
+    }
   }
   const kind = kindOfLibvirtCode(cause.code);
   switch (kind) {

@@ -19,6 +19,7 @@ import { DomainError, errors } from '../../../shared/src/errors.js';
 import { loadLibvirtBindings, UUID_STRING_BUFLEN, VIR_SECRET_USAGE_TYPE, type LibvirtBindings, type NativeFn } from './bindings.js';
 import { LibvirtCallError, toDomainError, VirErr, type LibvirtOperation } from './errors.js';
 import type { DomainInfo, DomainState, Libvirt, SecretDefinition, SecretInfo } from './ports.js';
+import { isPassphraseUtf8, MAX_SECRET_VALUE_BYTES } from './secret-value.js';
 import { isCanonicalUuid, parseDomainIdentity, parseSecretXml, parseVirtkmMarker, secretXml, usageIdOfVolume, volumeIdOfUsage } from './xml.js';
 
 /** Options of createLibvirtFfi. */
@@ -61,8 +62,6 @@ const VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA = 1 << 4;
 const UNDEFINE_FLAGS = VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | VIR_DOMAIN_UNDEFINE_NVRAM | VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA;
 /** virDomainState values to DomainState. */
 const DOMAIN_STATES: Readonly<Record<number, DomainState>> = { 1: 'running', 2: 'running', 3: 'paused', 5: 'shutoff', 6: 'crashed' };
-/** Longest secret value accepted (virtkm's are 32 bytes; libvirt's own limit is larger). */
-const MAX_SECRET_VALUE_BYTES = 4096;
 
 /** Runs libvirt calls on one connection, one at a time. */
 class Lane {
@@ -124,7 +123,7 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
         const info = b.takeDispatchedError() ?? { code: 0, domain: 0, message: 'virConnectOpen failed' };
         throw new DomainError('unavailable', 'cannot connect to libvirt', {
           cause: new LibvirtCallError('virConnectOpen', info),
-          hint: `is libvirtd running? (virsh -c ${opts.uri} version)`,
+          hint: 'is libvirtd running? (check with: virsh version)',
         });
       }
       return conn as bigint;
@@ -164,8 +163,10 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
 
   /** Runs body on the least busy lane, with a live connection; maps errors to DomainError. */
   async function run<T>(operation: LibvirtOperation, idempotent: boolean, body: (s: Session) => Promise<T>): Promise<T> {
-    if (closed) throw new DomainError('unavailable', 'libvirt connection closed');
     const b = await loadLibvirtBindings();
+    // Checked after the await and right before enqueueing: close() waits for every task
+    // enqueued before it set `closed`, and no task enqueued later opens a connection.
+    if (closed) throw new DomainError('unavailable', 'libvirt connection closed');
     const lane = lanes.reduce((best, l) => (l.pending < best.pending ? l : best));
     return lane.enqueue(async () => {
       for (let attempt = 0; ; attempt++) {
@@ -188,10 +189,11 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
 
   // ----- helpers on handles --------------------------------------------------------------
 
-  function uuidString(b: LibvirtBindings, fn: NativeFn, handle: bigint): string {
+  function uuidString(fn: NativeFn, handle: bigint): string {
     const buf = Buffer.alloc(UUID_STRING_BUFLEN);
     if ((fn(handle, buf) as number) < 0) throw errors.internal(new Error('cannot read a UUID from a libvirt handle'));
-    return buf.toString('latin1', 0, buf.indexOf(0) < 0 ? UUID_STRING_BUFLEN - 1 : buf.indexOf(0));
+    const end = buf.indexOf(0);
+    return buf.toString('latin1', 0, end < 0 ? UUID_STRING_BUFLEN - 1 : end);
   }
 
   /** The volume id of a secret handle when virtkm created it, else undefined. */
@@ -269,7 +271,7 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
         const byUsage = await s.lookup('virSecretLookupByUsage', s.b.virSecretLookupByUsage, VirErr.NO_SECRET, s.conn, VIR_SECRET_USAGE_TYPE.volume, usage);
         if (byUsage !== undefined) {
           try {
-            if (uuidString(s.b, s.b.virSecretGetUUIDString, byUsage) !== def.uuid) throw errors.alreadyExists(`a secret for volume ${def.volumeId} (with another UUID)`);
+            if (uuidString(s.b.virSecretGetUUIDString, byUsage) !== def.uuid) throw errors.alreadyExists(`a secret for volume ${def.volumeId} (with another UUID)`);
           } finally {
             s.b.virSecretFree(byUsage);
           }
@@ -282,6 +284,8 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
     async setValue(uuid: string, value: Uint8Array): Promise<void> {
       checkUuid(uuid);
       if (value.length === 0 || value.length > MAX_SECRET_VALUE_BYTES) throw errors.invalid(`secret value must be 1 to ${MAX_SECRET_VALUE_BYTES} bytes`);
+      // Refused here rather than by QEMU at the next start, where it would look like a broken guest.
+      if (!isPassphraseUtf8(value)) throw errors.invalid('secret value must be UTF-8 text without NUL (QEMU reads it as a LUKS passphrase): encode the key, e.g. as hex');
       await run({ op: 'secret.setValue', subject: `secret ${uuid}` }, true, (s) =>
         withSecret(s, uuid, async (secret) => {
           // One native copy of the value, wiped whatever happens. libvirt copies it into its
@@ -313,7 +317,7 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
         const infos: SecretInfo[] = [];
         try {
           for (const h of handles) {
-            const uuid = uuidString(s.b, s.b.virSecretGetUUIDString, h);
+            const uuid = uuidString(s.b.virSecretGetUUIDString, h);
             const usageId = (s.b.virSecretGetUsageID(h) as string | null) ?? undefined;
             let parsed: ReturnType<typeof parseSecretXml> | undefined;
             try {
@@ -357,7 +361,7 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
           try {
             if ((await markerOf(s, existing)) === undefined) throw errors.alreadyExists(`domain "${name}" (not defined by virtkm)`);
             // libvirt refuses a redefinition under another UUID with a generic error code.
-            if (uuid?.toLowerCase() !== uuidString(s.b, s.b.virDomainGetUUIDString, existing)) {
+            if (uuid?.toLowerCase() !== uuidString(s.b.virDomainGetUUIDString, existing)) {
               throw errors.alreadyExists(`domain "${name}" (with another UUID)`, { hint: 'to redefine a domain, give its <uuid> in the XML' });
             }
           } finally {
@@ -366,7 +370,7 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
         }
         const dom = await s.call<bigint>('virDomainDefineXMLFlags', s.b.virDomainDefineXMLFlags, s.conn, xml, VIR_DOMAIN_DEFINE_VALIDATE);
         try {
-          return { uuid: uuidString(s.b, s.b.virDomainGetUUIDString, dom), name: s.b.virDomainGetName(dom) as string };
+          return { uuid: uuidString(s.b.virDomainGetUUIDString, dom), name: s.b.virDomainGetName(dom) as string };
         } finally {
           s.b.virDomainFree(dom);
         }
@@ -428,7 +432,7 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
               const persistent = (await s.call<number>('virDomainIsPersistent', s.b.virDomainIsPersistent, h)) === 1;
               infos.push({
                 name: s.b.virDomainGetName(h) as string,
-                uuid: uuidString(s.b, s.b.virDomainGetUUIDString, h),
+                uuid: uuidString(s.b.virDomainGetUUIDString, h),
                 state,
                 autostart: autostart[0] === 1,
                 persistent,

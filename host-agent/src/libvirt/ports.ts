@@ -13,8 +13,9 @@
  *   already_exists       the UUID, volume usage or domain name belongs to something else
  *   invalid_argument     malformed input or a definition libvirt rejects
  *   failed_precondition  wrong state (start of a running domain, destroy of a stopped one),
- *                        not created by virtkm, or the guest could not start (for a wrong
- *                        disk key the message is "cannot unlock the disk: wrong key")
+ *                        not created by virtkm, or the guest could not start: a disk image
+ *                        missing, a disk secret missing or without value, QEMU refusing
+ *                        (for a wrong disk key the message is "cannot unlock the disk: wrong key")
  *   permission_denied    libvirt denied the operation
  *   unavailable          libvirtd cannot be reached (or libvirt is not installed)
  *   internal             anything else
@@ -80,7 +81,9 @@ export interface LibvirtSecrets {
   define(def: SecretDefinition): Promise<void>;
   /**
    * Sets the value of a virtkm secret through the libvirt API. The caller keeps ownership of
-   * `value` (and wipes it); the adapter's own copies are zeroed before this resolves.
+   * `value` (and wipes it); the adapter's own copies are zeroed before this resolves. QEMU
+   * uses the value as the LUKS passphrase and accepts only UTF-8 text without NUL, so raw
+   * key bytes are refused (invalid_argument): encode keys, for example as hex.
    */
   setValue(uuid: string, value: Uint8Array): Promise<void>;
   /** Removes a virtkm secret. not_found when there is none with this UUID. */

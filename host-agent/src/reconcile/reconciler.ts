@@ -142,8 +142,9 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           format,
           sizeBytes: dv.sizeBytes,
           cipher: dv.cipher?.cipher ?? 'aes-xts-plain64',
-          keySizeBits: dv.cipher?.keySizeBits ?? 512,
-          sectorSize: dv.cipher?.sectorSize ?? 512,
+          // Unexpected values are refused by the image layer's own spec check.
+          keySizeBits: (dv.cipher?.keySizeBits ?? 512) as ImageSpec['keySizeBits'],
+          sectorSize: (dv.cipher?.sectorSize ?? 512) as ImageSpec['sectorSize'],
         };
         try {
           const info = await images.inspect(spec.path);
