@@ -2,7 +2,7 @@
  * Benchmark of volume creation and key release against the real server process (issue 2).
  *
  *   node dist/bench/key-release.js [--volumes 100000] [--seconds 10] [--concurrency 32]
- *       [--create-concurrency 64] [--batch 16] [--warmup 1] [--json out.json]
+ *       [--create-concurrency 64] [--batch 16] [--warmup 1] [--rounds 1] [--json out.json]
  *       [--markdown out.md] [--profile-server DIR] [--keep-dir]
  *
  * Phases, all in one run against one temporary data directory:
@@ -14,7 +14,8 @@
  *      A sample of the returned packets is opened with the host's box key and checked.
  *   4. Ceilings: a bare grpc-js echo server (child process, the real server's mutual-TLS 1.3
  *      credentials and listener options), driven by the same client loop with messages of
- *      the real responses' sizes. Each ceiling run is adjacent in time to its real run.
+ *      the real responses' sizes. Each ceiling run is adjacent in time to its real run;
+ *      `--rounds R` repeats the release/ceiling pairs R times, alternating, and pools them.
  *
  * A benchmark, not a test: it prints figures and PASS/MISS against the issue's targets and
  * exits 0 whatever the figures are. It exits 1 only when something is wrong (a call
@@ -49,12 +50,12 @@ import type { ApiClients } from '../server/src/cli/clients.js';
 import { clientsFor, initDataDir, SERVER_BIN, startServer, tempDir, type ServerProcess } from '../test/helpers/server-harness.js';
 import { formatProfileSummary, summarizeCpuProfile, type ProfileSummary, type TimeWindow } from './cpuprofile.js';
 import { EchoClient, type EchoReady, type EchoServerConfig } from './echo-service.js';
-import { machineInfo, runClosedLoop, type LoadResult, type MachineInfo } from './load.js';
+import { machineInfo, mergeLoadResults, runClosedLoop, type LoadResult, type MachineInfo } from './load.js';
 
 // --- Options -----------------------------------------------------------------------------
 
 const USAGE = `usage: node dist/bench/key-release.js [--volumes N] [--seconds S] [--concurrency C]
-       [--create-concurrency C] [--batch B] [--warmup S] [--max-calls N] [--json FILE]
+       [--create-concurrency C] [--batch B] [--warmup S] [--rounds R] [--max-calls N] [--json FILE]
        [--markdown FILE] [--profile-server DIR] [--keep-dir]`;
 
 interface BenchOptions {
@@ -64,6 +65,7 @@ interface BenchOptions {
   createConcurrency: number;
   batch: number;
   warmup: number;
+  rounds: number;
   maxCalls: number;
   json: string | undefined;
   markdown: string | undefined;
@@ -81,6 +83,7 @@ function parseOptions(argv: string[]): BenchOptions {
       'create-concurrency': { type: 'string', default: '64' },
       batch: { type: 'string', default: '16' },
       warmup: { type: 'string', default: '1' },
+      rounds: { type: 'string', default: '1' },
       'max-calls': { type: 'string', default: '5000000' },
       json: { type: 'string' },
       markdown: { type: 'string' },
@@ -113,6 +116,7 @@ function parseOptions(argv: string[]): BenchOptions {
     createConcurrency: int('create-concurrency', values['create-concurrency'], 1),
     batch,
     warmup,
+    rounds: int('rounds', values.rounds, 1),
     maxCalls: int('max-calls', values['max-calls'], 1),
     json: values.json,
     markdown: values.markdown,
@@ -383,7 +387,10 @@ interface PhaseRecord {
   /** Message size the echo ceiling used, bytes. */
   messageBytes?: number;
   result: LoadResult;
-  window: TimeWindow;
+  /** When the measured runs took place (one per round). */
+  windows: TimeWindow[];
+  /** Per-round calls/s, in order. */
+  roundRates: number[];
 }
 
 interface Results {
@@ -437,14 +444,16 @@ async function run(opts: BenchOptions): Promise<Results> {
   const admin: ApiClients = clientsFor(server.address, join(dataDir, 'admin.pem'));
   cleanups.push(() => admin.close());
   const phases: Record<string, PhaseRecord> = {};
-  const phase = async (name: string, label: string, p: Omit<PhaseRecord, 'name' | 'label' | 'result' | 'window'>, body: () => Promise<LoadResult>) => {
+  const phase = async (name: string, label: string, p: Omit<PhaseRecord, 'name' | 'label' | 'result' | 'windows' | 'roundRates'>, body: () => Promise<LoadResult>) => {
     const startUs = nowUs();
     const result = await body();
-    const record: PhaseRecord = { name, label, ...p, result, window: { startUs, endUs: nowUs() } };
-    phases[name] = record;
+    const window = { startUs, endUs: nowUs() };
     log(`${label}: ${result.rate.toFixed(0)}/s, p50 ${result.latency.p50.toFixed(2)} ms, p99 ${result.latency.p99.toFixed(2)} ms, ${result.calls} calls, ${result.errors} errors`);
     if (result.errors > 0) throw new Error(`${label}: ${result.errors} calls failed; first: ${result.firstError ?? '?'}`);
-    return record;
+    const previous = phases[name];
+    phases[name] = previous
+      ? { ...previous, result: mergeLoadResults([previous.result, result]), windows: [...previous.windows, window], roundRates: [...previous.roundRates, result.rate] }
+      : { name, label, ...p, result, windows: [window], roundRates: [result.rate] };
   };
 
   // 1. Volumes.
@@ -532,7 +541,7 @@ async function run(opts: BenchOptions): Promise<Results> {
       const r = await echo.echo(payload);
       if (r.length !== bytes) throw new Error(`echo returned ${r.length} bytes, sent ${bytes}`);
     };
-    if (opts.warmup > 0) await closedLoop(concurrency, undefined, call, opts.warmup);
+    if (opts.warmup > 0 && !phases[name]) await closedLoop(concurrency, undefined, call, opts.warmup);
     await phase(name, `echo ceiling ${bytes} B (${concurrency} in flight)`, { volumesPerCall: 1, concurrency, messageBytes: bytes }, () => closedLoop(concurrency, echoServer.pid, call));
   };
   const releaseRun = async (name: string, perCall: number) => {
@@ -544,7 +553,7 @@ async function run(opts: BenchOptions): Promise<Results> {
       if (res.packets.length !== want.length) throw new Error(`${res.packets.length} packets for ${want.length} volumes`);
       if (i % SAMPLE_EVERY === 0 && samples.length < SAMPLE_MAX) samples.push({ ids: want, res });
     };
-    if (opts.warmup > 0) await closedLoop(opts.concurrency, undefined, call, opts.warmup);
+    if (opts.warmup > 0 && !phases[name]) await closedLoop(opts.concurrency, undefined, call, opts.warmup);
     samples.length = 0;
     const label = perCall === 1 ? `key release, 1 volume/call (${opts.concurrency} in flight)` : `key release, ${perCall} volumes/call (${opts.concurrency} in flight)`;
     await phase(name, label, { volumesPerCall: perCall, concurrency: opts.concurrency }, () => closedLoop(opts.concurrency, serverPid, call));
@@ -553,11 +562,15 @@ async function run(opts: BenchOptions): Promise<Results> {
     log(`  verified ${samples.length} sampled responses`);
   };
 
-  // Each ceiling run right before the run it is the ceiling of.
-  await echoRun('echo1', release1ResponseBytes, opts.concurrency);
-  await releaseRun('release1', 1);
-  await echoRun('echoBatch', releaseBatchResponseBytes, opts.concurrency);
-  await releaseRun('releaseBatch', opts.batch);
+  // Each ceiling run right before the run it is the ceiling of; with several rounds the
+  // pairs alternate, so both see the same share of whatever else the machine is doing.
+  for (let round = 1; round <= opts.rounds; round++) {
+    if (opts.rounds > 1) log(`round ${round} of ${opts.rounds}`);
+    await echoRun('echo1', release1ResponseBytes, opts.concurrency);
+    await releaseRun('release1', 1);
+    await echoRun('echoBatch', releaseBatchResponseBytes, opts.concurrency);
+    await releaseRun('releaseBatch', opts.batch);
+  }
   await echoRun('echoCreate', createResponseBytes, opts.createConcurrency);
 
   // 5. Targets.
@@ -581,7 +594,7 @@ async function run(opts: BenchOptions): Promise<Results> {
     const file = files[0];
     if (file) {
       const path = join(opts.profileServer, file);
-      const summary = summarizeCpuProfile(path, [phases['release1']!.window, phases['releaseBatch']!.window]);
+      const summary = summarizeCpuProfile(path, [...phases['release1']!.windows, ...phases['releaseBatch']!.windows]);
       profile = { file: path, summary };
     } else log(`no CPU profile of pid ${serverPid} found in ${opts.profileServer}`);
   }
@@ -668,7 +681,7 @@ function targetRows(r: Results): string[][] {
 function setupLine(r: Results): string {
   return (
     `${fmt(r.setup.volumes)} volumes (luks, 1 GiB), ${fmt(r.setup.guests)} guests of <= ${DISKS_PER_GUEST} disks on one host (defined in ${r.setup.guestSeconds.toFixed(1)} s); ` +
-    `${r.options.seconds} s per run after ${r.options.warmup} s warm-up; storage ${fmt(r.fsyncPerSecond)} fdatasync/s (4 KiB, one writer)`
+    `${r.options.rounds > 1 ? `${r.options.rounds} alternating rounds of ` : ''}${r.options.seconds} s per run after ${r.options.warmup} s warm-up; storage ${fmt(r.fsyncPerSecond)} fdatasync/s (4 KiB, one writer)`
   );
 }
 
@@ -687,6 +700,9 @@ function report(r: Results): string {
   lines.push(table(phaseRows(r)));
   lines.push('');
   lines.push(CEILING_NOTE);
+  for (const p of Object.values(r.phases)) {
+    if (p.roundRates.length > 1) lines.push(`  per round, ${p.label}: ${p.roundRates.map((x) => fmt(x)).join(', ')} calls/s`);
+  }
   lines.push(`verification: ${r.verification.responsesChecked} sampled responses, ${r.verification.packetsChecked} packets opened with the host's box key and decoded to the requested volume (${r.verification.distinctVolumes} distinct volumes): OK`);
   lines.push('');
   lines.push(table(targetRows(r)));
@@ -735,7 +751,8 @@ async function main(): Promise<number> {
     const results = await run(opts);
     console.log(report(results));
     if (opts.json) {
-      writeFileSync(opts.json, JSON.stringify(results, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v), 2) + '\n');
+      // Raw latencies are left out: the summaries are in `latency`.
+      writeFileSync(opts.json, JSON.stringify(results, (k, v: unknown) => (k === 'latencies' ? undefined : typeof v === 'bigint' ? v.toString() : v), 2) + '\n');
       log(`wrote ${opts.json}`);
     }
     if (opts.markdown) {

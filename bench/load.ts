@@ -35,6 +35,8 @@ export interface LoadResult {
   serverCpuPercent: number | undefined;
   /** Whole machine (all processes, all cores), in percent of one core; from /proc/stat. */
   machineCpuPercent: number | undefined;
+  /** Every successful call's latency (ms); left out of JSON reports. */
+  latencies: number[];
 }
 
 /** Options of runClosedLoop. */
@@ -174,6 +176,41 @@ export async function runClosedLoop(opts: LoadOptions, call: (i: number) => Prom
     clientCpuPercent: cpu.self,
     serverCpuPercent: cpu.other,
     machineCpuPercent: cpu.machine,
+    latencies,
+  };
+}
+
+/**
+ * Combines runs of the same kind (e.g. several rounds interleaved with their ceilings):
+ * calls and seconds add up, latencies are pooled, CPU shares are weighted by duration.
+ */
+export function mergeLoadResults(runs: readonly LoadResult[]): LoadResult {
+  const first = runs[0];
+  if (!first) throw new Error('nothing to merge');
+  if (runs.length === 1) return first;
+  const seconds = runs.reduce((a, r) => a + r.seconds, 0);
+  const weighted = (f: (r: LoadResult) => number | undefined): number | undefined => {
+    let sum = 0;
+    for (const r of runs) {
+      const v = f(r);
+      if (v === undefined) return undefined;
+      sum += v * r.seconds;
+    }
+    return seconds > 0 ? sum / seconds : undefined;
+  };
+  const latencies = runs.flatMap((r) => r.latencies);
+  const calls = runs.reduce((a, r) => a + r.calls, 0);
+  return {
+    calls,
+    errors: runs.reduce((a, r) => a + r.errors, 0),
+    firstError: runs.find((r) => r.firstError !== undefined)?.firstError,
+    seconds,
+    rate: seconds > 0 ? calls / seconds : 0,
+    latency: latencyStats(latencies),
+    clientCpuPercent: weighted((r) => r.clientCpuPercent) ?? 0,
+    serverCpuPercent: weighted((r) => r.serverCpuPercent),
+    machineCpuPercent: weighted((r) => r.machineCpuPercent),
+    latencies,
   };
 }
 

@@ -233,6 +233,8 @@ export async function runTool(file: string, args: readonly string[], options: Ru
   };
   const onAbort = (): void => stop(new DomainError('unavailable', `${tool} was cancelled`, { cause: signal?.reason }));
   signal?.addEventListener('abort', onAbort, { once: true });
+  // Aborted while the pipes were being made: no 'abort' event will come any more.
+  if (signal?.aborted) onAbort();
   const timeoutTimer =
     timeoutMs === undefined ? undefined : setTimeout(() => stop(new DomainError('unavailable', `${tool} timed out after ${timeoutMs} ms`)), timeoutMs);
 
