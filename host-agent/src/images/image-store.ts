@@ -14,8 +14,9 @@
  * QEMU calibrates PBKDF2 (qcrypto_pbkdf2_count_iters) by timing a first round of 2^15
  * iterations with the thread's CPU clock, and on a kernel with tick-based CPU accounting
  * that round can measure 0 ms. The calibration does not depend on iter-time, and on this
- * kind of machine about one create in four failed at any iter-time, so the cure is another
- * attempt: up to 8, with a mildly growing iter-time (harmless, as the notes suggested).
+ * kind of machine 10-50% of creates failed at any iter-time (1, 10, 100, 1000 ms), so the
+ * cure is another attempt: up to 10 (all failing: about 1e-5 at 30%), with a mildly growing
+ * iter-time (harmless, as the notes suggested).
  * The same calibration makes every create cost about 2 s of CPU (two rounds of >= 0.5 s
  * each for the keyslot and the master-key digest), whatever iter-time says.
  */
@@ -64,7 +65,7 @@ export const LUKS2_DATA_OFFSET_BYTES = BigInt(LUKS2_DATA_OFFSET_SECTORS) * 512n;
 /** PBKDF2 iterations of LUKS2 keyslots (the minimum cryptsetup accepts; see module comment). */
 export const LUKS2_PBKDF2_ITERATIONS = 1000;
 /** iter-time of QEMU keyslots per attempt of qemu-img create, in ms (see module comment). */
-export const DEFAULT_ITER_TIMES_MS: readonly number[] = [100, 100, 150, 150, 200, 200, 300, 300];
+export const DEFAULT_ITER_TIMES_MS: readonly number[] = [100, 100, 150, 150, 200, 200, 300, 300, 300, 300];
 
 /** LUKS1's binary header (phdr) is 592 bytes; less of it is a damaged image. */
 const LUKS1_PHDR_BYTES = 592;
