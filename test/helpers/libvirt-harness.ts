@@ -15,8 +15,8 @@
  * Secrets reach qemu-img through a pipe on file descriptor 3 (`file=/dev/fd/3`, through the
  * project's runTool), never argv, environment or files.
  */
-import { spawnSync } from 'node:child_process';
-import { chmodSync, chownSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ExecutionContext, TestFn } from 'ava';
@@ -385,4 +385,72 @@ export function sweep(domainPrefix: string, usagePrefix: string): void {
     .filter((cols) => cols.length >= 2 && (cols[1] ?? '').startsWith('volume') && (cols[2] ?? '').startsWith(usagePrefix))
     .map((cols) => cols[0] as string);
   forceCleanup(domains, secrets);
+}
+
+// ----- a second host on the same machine -------------------------------------------------
+
+/** A second libvirt "host": its own libvirtd and virtlogd in a private mount namespace. */
+export interface NamespacedHost {
+  /** Pid of the process holding the namespace. */
+  nsPid: number;
+  /** argv prefix that runs a command inside the namespace. */
+  prefix: string[];
+  /** `virsh -c qemu:///system ARGS` against this host's libvirtd. */
+  virsh(args: string[]): CommandResult;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts a second libvirtd whose /run/libvirt, /var/lib/libvirt, /var/cache/libvirt,
+ * /var/log/libvirt and /etc/libvirt are private to a mount namespace (everything else,
+ * including image directories under /tmp, is shared: "shared storage"). A process started
+ * with `prefix` talks to this daemon at qemu:///system. Needs root and util-linux.
+ */
+export async function startNamespacedHost(): Promise<NamespacedHost> {
+  const base = mkdtempSync(join(tmpdir(), 'virtkm-host2-'));
+  for (const d of ['lib', 'cache', 'log', 'etc']) mkdirSync(join(base, d));
+  cpSync('/etc/libvirt', join(base, 'etc'), { recursive: true });
+  // A private copy without the first host's persistent definitions.
+  rmSync(join(base, 'etc', 'qemu'), { recursive: true, force: true });
+  rmSync(join(base, 'etc', 'secrets'), { recursive: true, force: true });
+  const holder = spawn('unshare', ['--mount', '--propagation', 'private', 'sleep', 'infinity'], { stdio: 'ignore' });
+  await sleep(300);
+  if (!holder.pid || holder.exitCode !== null) throw new Error('unshare failed');
+  const prefix = ['nsenter', `--mount=/proc/${holder.pid}/ns/mnt`];
+  const setup = [
+    'mount -t tmpfs tmpfs /run/libvirt',
+    `mount --bind ${base}/lib /var/lib/libvirt`,
+    `mount --bind ${base}/cache /var/cache/libvirt`,
+    `mount --bind ${base}/log /var/log/libvirt`,
+    `mount --bind ${base}/etc /etc/libvirt`,
+    'mkdir -p /var/lib/libvirt/qemu',
+    `virtlogd --daemon --pid-file=${base}/virtlogd.pid`,
+    `libvirtd --daemon --pid-file=${base}/libvirtd.pid`,
+  ].join(' && ');
+  const r = run(prefix[0]!, [...prefix.slice(1), 'sh', '-c', setup]);
+  if (r.code !== 0) throw new Error(`second host setup failed: ${r.stderr}`);
+  const virshNs = (args: string[]) => run(prefix[0]!, [...prefix.slice(1), 'virsh', '-c', LIBVIRT_URI, ...args], 60_000);
+  const deadline = Date.now() + 30_000;
+  while (virshNs(['version']).code !== 0) {
+    if (Date.now() > deadline) throw new Error('second libvirtd did not answer');
+    await sleep(200);
+  }
+  return {
+    nsPid: holder.pid,
+    prefix,
+    virsh: virshNs,
+    async stop() {
+      for (const line of virshNs(['list', '--name']).stdout.split('\n').filter(Boolean)) virshNs(['destroy', line]);
+      for (const f of ['libvirtd.pid', 'virtlogd.pid']) {
+        try {
+          process.kill(Number(readFileSync(join(base, f), 'utf8').trim()), 'SIGTERM');
+        } catch {
+          /* already gone */
+        }
+      }
+      await sleep(500);
+      holder.kill('SIGKILL');
+      rmSync(base, { recursive: true, force: true });
+    },
+  };
 }

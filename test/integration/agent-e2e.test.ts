@@ -5,53 +5,18 @@
  * the autostart guest back from the sealed cache; deleting the guest wipes it.
  */
 import anyTest, { type TestFn } from 'ava';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { createServer } from 'node:net';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { openKeyCache } from '../../host-agent/src/cache/key-cache.js';
 import { KEY_ID_LENGTH } from '../../shared/src/envelope.js';
 import { loadSodium } from '../../shared/src/sodium.js';
 import { createLuksImage, ensureLibvirtd, guestDir, libvirtTest, restartLibvirtd, virsh, type LibvirtEnv } from '../helpers/libvirt-harness.js';
-import { DIST, cli, initDataDir, startServer, tempDir, type ServerProcess } from '../helpers/server-harness.js';
+import { cli, initDataDir, startServer, tempDir, type ServerProcess } from '../helpers/server-harness.js';
+import { enrollAgent, freePort, startAgent, until, type AgentProcess } from '../helpers/agent-harness.js';
 
-const AGENT_BIN = join(DIST, 'host-agent', 'src', 'bin', 'virtkm-agent.js');
 const test = anyTest as TestFn<unknown>;
 const env: LibvirtEnv = await ensureLibvirtd();
-
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-interface Agent {
-  proc: ChildProcess;
-  logs: () => string;
-}
-
-function startAgent(stateDir: string, imageDir: string, server: string): Agent {
-  const proc = spawn(process.execPath, [AGENT_BIN, 'run', '--state-dir', stateDir, '--image-dir', imageDir, '--server', server, '--log-level', 'debug'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let logs = '';
-  proc.stdout!.on('data', (d: Buffer) => (logs += d.toString()));
-  proc.stderr!.on('data', (d: Buffer) => (logs += d.toString()));
-  return { proc, logs: () => logs };
-}
-
-async function until<T>(what: string, fn: () => Promise<T | undefined> | T | undefined, timeoutMs = 90_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v !== undefined && v !== false) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 300));
-  }
-}
 
 const domState = (name: string) => virsh(['domstate', name]).stdout.trim();
 
@@ -64,17 +29,12 @@ libvirtTest(test, env, 'a guest defined through the CLI runs on a real host; wro
   initDataDir(data);
   let server: ServerProcess | undefined = await startServer(data, ['--listen', `127.0.0.1:${port}`]);
   const admin = (...args: string[]) => cli(['--server', `127.0.0.1:${port}`, '--credentials', join(data, 'admin.pem'), ...args]);
-  let agent: Agent | undefined;
+  let agent: AgentProcess | undefined;
   const guestName = `vkm-e2e-${randomBytes(3).toString('hex')}`;
   const badName = `${guestName}-bad`;
   try {
     // Enroll the host with the agent itself.
-    const token = (JSON.parse((await admin('host', 'token', 'create', 'hv-e2e', '--json')).stdout) as { token: string }).token;
-    const tokenFile = join(dir.path, 'token');
-    writeFileSync(tokenFile, token, { mode: 0o600 });
-    const state = join(dir.path, 'state');
-    const enrolled = spawnSync(process.execPath, [AGENT_BIN, 'enroll', '--server', server.enrollAddress, '--token-file', tokenFile, '--state-dir', state], { encoding: 'utf8' });
-    t.is(enrolled.status, 0, enrolled.stderr);
+    const state = await enrollAgent(admin, server.enrollAddress, dir.path, 'hv-e2e');
     agent = startAgent(state, images.path, `127.0.0.1:${port}`);
     await until('agent connected', async () => (JSON.parse((await admin('host', 'show', 'hv-e2e', '--json')).stdout) as { connected: boolean }).connected);
 
