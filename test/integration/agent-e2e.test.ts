@@ -6,7 +6,7 @@
  */
 import anyTest, { type TestFn } from 'ava';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { openKeyCache } from '../../host-agent/src/cache/key-cache.js';
 import { KEY_ID_LENGTH } from '../../shared/src/envelope.js';
@@ -20,7 +20,7 @@ const env: LibvirtEnv = await ensureLibvirtd();
 
 const domState = (name: string) => virsh(['domstate', name]).stdout.trim();
 
-libvirtTest(test, env, 'a guest defined through the CLI runs on a real host; wrong keys fail clearly; it comes back from the cache; delete wipes it', async (t) => {
+libvirtTest(test, env, 'a guest defined through the CLI runs on a real host; wrong keys fail clearly; it comes back from the cache; delete wipes it; revocation is reported', async (t) => {
   await loadSodium();
   const dir = tempDir();
   const images = guestDir('virtkm-e2e-images-');
@@ -89,14 +89,25 @@ libvirtTest(test, env, 'a guest defined through the CLI runs on a real host; wro
     // The server comes back; deleting the guest wipes it from the host.
     server = await startServer(data, ['--listen', `127.0.0.1:${port}`]);
     await until('agent reconnected', async () => (JSON.parse((await admin('host', 'show', 'hv-e2e', '--json')).stdout) as { connected: boolean }).connected);
-    t.is((await admin('guest', 'delete', guestName)).code, 0);
+    const vol = JSON.parse((await admin('volume', 'show', `${guestName}-disk`, '--json')).stdout) as { id: string };
+    t.true(existsSync(join(images.path, `${vol.id}.qcow2`)));
+    t.is((await admin('guest', 'delete', guestName, '--delete-volumes')).code, 0);
     await until('guest wiped', () => (virsh(['domstate', guestName]).code !== 0 ? true : undefined));
+    await until('image deleted as asked', () => !existsSync(join(images.path, `${vol.id}.qcow2`)));
+    t.true(existsSync(badImage), 'an image is deleted only when asked');
     t.false(virsh(['secret-list']).stdout.includes('virtkm:'), 'no virtkm secret is left in libvirt');
     const host = JSON.parse(readFileSync(join(state, 'host.json'), 'utf8')) as { host_id: string };
     const raw = readFileSync(join(state, 'cache.key'));
     const cache = openKeyCache(join(state, 'key-cache'), { id: raw.subarray(0, KEY_ID_LENGTH), bytes: raw.subarray(KEY_ID_LENGTH) }, host.host_id);
     t.deepEqual(cache.entries(), [], 'no key is left in the cache');
     cache.close();
+
+    // A revoked host is told so clearly, and keeps being refused.
+    t.is((await admin('host', 'revoke', 'hv-e2e')).code, 0);
+    const running = agent;
+    await until('the agent reports the refusal', () => /"msg":"the server refuses this host","reason":"host has been revoked"/.test(running.logs()), 30_000);
+    const host2 = JSON.parse((await admin('host', 'show', 'hv-e2e', '--json')).stdout) as { state: string; connected: boolean };
+    t.deepEqual([host2.state, host2.connected], ['revoked', false]);
   } finally {
     agent?.proc.kill('SIGTERM');
     await server?.stop();

@@ -14,7 +14,7 @@ const status = (hostId: string, phase: string, generation = 5): GuestStatusRecor
 
 test('a placed guest runs and carries packets; a handed-over guest runs nowhere and the source gets no packet', (t) => {
   const packet: SealedKeyPacket = { volumeId: 'v1', keyVersion: 3, sealed: Buffer.from([1]) };
-  const src = (gs: GuestRecord[]) => ({ guestsForHost: () => gs, getVolume: (id: string) => (id === 'v1' ? vol('v1') : undefined), isMaterialized: () => false });
+  const src = (gs: GuestRecord[]) => ({ guestsForHost: () => gs, getVolume: (id: string) => (id === 'v1' ? vol('v1') : undefined), isMaterialized: () => false, imageDeletionsForHost: () => [] });
   const placed = buildDesiredState('B', 7, src([guest({})]), () => packet, NOW);
   t.is(placed.revision, 7n);
   t.true(placed.guests[0]!.run);

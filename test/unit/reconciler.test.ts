@@ -54,6 +54,9 @@ test.beforeEach((t) => {
       const f = files.get(path);
       return f ? { exists: true, kind: f.kind } : { exists: false, kind: 'missing' };
     },
+    async remove(path: string) {
+      files.delete(path);
+    },
     async testKey(path: string, _spec: unknown, secret: Uint8Array) {
       return files.get(path)?.key.equals(Buffer.from(secret)) ?? false;
     },
@@ -101,7 +104,7 @@ function guest(t: { context: Ctx }, o: { secret: Buffer; volumeId?: string; run?
     ],
   };
 }
-const state = (revision: bigint, guests: DesiredGuest[]): DesiredState => ({ revision, guests, issuedAt: '' });
+const state = (revision: bigint, guests: DesiredGuest[], deleteImages: DesiredState['deleteImages'] = []): DesiredState => ({ revision, guests, issuedAt: '', deleteImages });
 
 test('creates the image, defines the secret and domain, starts it; the same state again changes nothing', async (t) => {
   const secret = randomBytes(32);
@@ -200,4 +203,16 @@ test('offline: after a restart the cached state starts autostart guests only, wi
   const phases = Object.fromEntries(r.guests.map((g) => [g.guestId, g.phase]));
   t.is(phases[a.guestId], GuestPhase.GUEST_PHASE_RUNNING);
   t.is(phases[b.guestId], GuestPhase.GUEST_PHASE_DEFINED);
+});
+
+test('images are deleted only when asked, and never one a desired guest uses', async (t) => {
+  const g = guest(t, { secret: randomBytes(32) });
+  await reconcile(state(1n, [g]), t.context.deps);
+  const path = imagePath(t.context.dir, g.volumes[0]!.volumeId, 'luks');
+  const keepIt = await reconcile(state(2n, [g], [{ volumeId: g.volumes[0]!.volumeId, format: VolumeFormat.VOLUME_FORMAT_LUKS }]), t.context.deps);
+  t.deepEqual(keepIt.deletedImages, []);
+  t.true(t.context.images.files.has(path), 'in use: kept');
+  const gone = await reconcile(state(3n, [], [{ volumeId: g.volumes[0]!.volumeId, format: VolumeFormat.VOLUME_FORMAT_LUKS }]), t.context.deps);
+  t.deepEqual(gone.deletedImages, [g.volumes[0]!.volumeId]);
+  t.false(t.context.images.files.has(path));
 });

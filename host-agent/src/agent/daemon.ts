@@ -89,15 +89,18 @@ export function startAgentDaemon(o: DaemonOptions): AgentDaemon {
       pending = m.msg.value;
       kick();
     });
-    const retry = (why: string) => {
+    const retry = (why: string, refused = false) => {
       if (stream !== s) return;
       stream = undefined;
       if (state === 'draining' || state === 'stopped') return;
-      const delay = backoffDelay(attempt++, o.backoffMinMs ?? 1000, o.backoffMaxMs ?? 60_000);
-      logger.warn('server stream closed; reconnecting', { reason: why, delay_ms: delay });
+      // A refused host (revoked, unknown certificate) keeps trying, slowly: an admin may
+      // re-enroll it. Its guests keep what they have until the server says otherwise.
+      const delay = refused ? (o.backoffMaxMs ?? 60_000) : backoffDelay(attempt++, o.backoffMinMs ?? 1000, o.backoffMaxMs ?? 60_000);
+      if (refused) logger.error('the server refuses this host', { reason: why, hint: 'the host may have been revoked: check `virtkm host show`, re-enroll if needed', delay_ms: delay });
+      else logger.warn('server stream closed; reconnecting', { reason: why, delay_ms: delay });
       reconnectTimer = setTimeout(connect, delay);
     };
-    s.on('error', (e: Error & { details?: string }) => retry(e.details ?? e.message));
+    s.on('error', (e: Error & { details?: string; code?: number }) => retry(e.details ?? e.message, e.code === 16 || e.code === 7));
     s.on('end', () => retry('ended by server'));
   };
 

@@ -9,7 +9,7 @@ export type { ImageInfo, ImageSpec };
 /** Volume formats as the agent names them. */
 export type AgentVolumeFormat = ImageFormat;
 /** Creating and checking encrypted images. */
-export type ImagePort = Pick<ImageStore, 'create' | 'inspect' | 'testKey'>;
+export type ImagePort = Pick<ImageStore, 'create' | 'inspect' | 'testKey' | 'remove'>;
 /** Opening dm-crypt mappings for luks2 and plain volumes. */
 export type DmCryptPort = DmCryptMapper;
 

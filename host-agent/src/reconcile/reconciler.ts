@@ -105,6 +105,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
   const packets = offline ? new Map<string, Uint8Array>() : openPackets(desired, deps);
   const guests: GuestStatus[] = [];
   const volumes: VolumeStatus[] = [];
+  const deletedImages: string[] = [];
   const keep: CachedKey[] = [];
   const neededSecrets = new Set<string>();
   const neededMappings = new Set<string>();
@@ -222,6 +223,20 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
         await libvirt.secrets.undefine(s.uuid).catch((err: unknown) => logger.warn('undefining a secret failed', { uuid: s.uuid, ...describeError(err) }));
       }
     }
+    // Images the admin asked to delete with their (already destroyed) volume; never one a
+    // desired guest still uses.
+    const inUse = new Set(desired.guests.flatMap((g) => g.volumes.map((v) => v.volumeId)));
+    for (const d of offline ? [] : desired.deleteImages) {
+      const format = FORMAT_NAMES[d.format];
+      if (!format || inUse.has(d.volumeId)) continue;
+      try {
+        await images.remove(imagePath(deps.imageDir, d.volumeId, format));
+        deletedImages.push(d.volumeId);
+        logger.info('image deleted', { volume_id: d.volumeId });
+      } catch (err) {
+        logger.warn('deleting an image failed', { volume_id: d.volumeId, ...describeError(err) });
+      }
+    }
     if (!dmReason) {
       for (const m of await dmcrypt.list()) if (!neededMappings.has(m)) await dmcrypt.close(m).catch((err: unknown) => logger.warn('closing a mapping failed', { name: m, ...describeError(err) }));
     }
@@ -232,7 +247,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
     for (const k of packets.values()) wipe(k);
     if (offline) for (const k of keep) wipe(k.secret);
   }
-  return { revision: desired.revision, guests, volumes };
+  return { revision: desired.revision, guests, volumes, deletedImages };
 }
 
 async function reconcileGuest(g: DesiredGuest, vols: HostVolume[], blocked: string, domains: Awaited<ReturnType<Libvirt['domains']['list']>>, deps: ReconcilerDeps, offline: boolean): Promise<GuestStatus> {

@@ -212,6 +212,7 @@ export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId:
             await store.write((tx) => {
               tx.replaceHostReport(hostId, report.guests, report.volumes);
               tx.markMaterialized(report.volumes.filter((v) => v.phase === 'ready').map((v) => v.volumeId), at);
+              tx.completeImageDeletions(hostId, msg.value.deletedImages.slice(0, MAX_REPORT_ITEMS));
               tx.touchHost(hostId, at);
             });
             await afterReport(hostId);

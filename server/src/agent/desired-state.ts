@@ -4,7 +4,7 @@
  * sealing key packets is left to the caller through `packetFor`.
  */
 import type { DesiredGuest, DesiredState, SealedKeyPacket } from '../../../shared/src/api.js';
-import type { GuestRecord, GuestStatusRecord, VolumeRecord } from '../domain/model.js';
+import type { GuestRecord, GuestStatusRecord, VolumeFormatName, VolumeRecord } from '../domain/model.js';
 import { FORMAT_TO_API } from '../../../shared/src/formats.js';
 
 /** Reads the desired state needs. */
@@ -12,6 +12,7 @@ export interface DesiredStateSource {
   guestsForHost(hostId: string): GuestRecord[];
   getVolume(id: string): VolumeRecord | undefined;
   isMaterialized(volumeId: string): boolean;
+  imageDeletionsForHost(hostId: string): { volumeId: string; format: VolumeFormatName }[];
 }
 
 /**
@@ -55,7 +56,8 @@ export function buildDesiredState(
       }),
     };
   });
-  return { revision: BigInt(revision), guests, issuedAt };
+  const deleteImages = src.imageDeletionsForHost(hostId).map((d) => ({ volumeId: d.volumeId, format: FORMAT_TO_API[d.format] }));
+  return { revision: BigInt(revision), guests, issuedAt, deleteImages };
 }
 
 /** Phases in which a guest is not running on a host. */

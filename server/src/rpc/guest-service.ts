@@ -115,9 +115,12 @@ export function createGuestService(deps: GuestServiceDeps): GuestServiceServer {
         const shredded: string[] = [];
         if (req.deleteVolumes) {
           for (const id of g.volumeIds) {
-            if (tx.guestNamesOfVolume(id).length === 0 && tx.getVolume(id)) {
+            const v = tx.getVolume(id);
+            if (v && tx.guestNamesOfVolume(id).length === 0) {
               tx.deleteVolume(id);
               shredded.push(id);
+              // The host the guest was placed on deletes the image file (its key is gone).
+              if (g.hostId) tx.requestImageDeletion(id, g.hostId, v.format, clock.now().toISOString());
             }
           }
         }

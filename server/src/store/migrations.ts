@@ -169,6 +169,15 @@ CREATE TABLE volume_status (
   PRIMARY KEY (volume_id, host_id)
 ) STRICT;
 CREATE INDEX volume_status_by_host ON volume_status(host_id);
+
+-- Image files a host must delete: volumes crypto-shredded with --delete-volumes.
+CREATE TABLE image_deletions (
+  volume_id    TEXT NOT NULL,
+  host_id      TEXT NOT NULL REFERENCES hosts(id),
+  format       TEXT NOT NULL,
+  requested_at TEXT NOT NULL,
+  PRIMARY KEY (volume_id, host_id)
+) STRICT;
 `,
   },
 ]);

@@ -82,6 +82,8 @@ export interface StoreReader {
   guestsForHost(hostId: string): GuestRecord[];
   /** What hosts reported about a guest (one row per host). */
   guestStatuses(guestId: string): GuestStatusRecord[];
+  /** Image files the host must delete: volume id and format. */
+  imageDeletionsForHost(hostId: string): { volumeId: string; format: VolumeFormatName }[];
   /** Whether some host has reported the volume's image ready. */
   isMaterialized(volumeId: string): boolean;
   /** What hosts reported about a volume (one row per host). */
@@ -121,6 +123,10 @@ export interface StoreWriter extends StoreReader {
   touchHost(id: string, lastSeenAt: string): void;
   /** Increments and returns the host's desired-state revision. */
   bumpHostRevision(id: string): number;
+  /** Asks a host to delete a (crypto-shredded) volume's image file. */
+  requestImageDeletion(volumeId: string, hostId: string, format: VolumeFormatName, at: string): void;
+  /** Forgets deletion requests the host reported done. */
+  completeImageDeletions(hostId: string, volumeIds: string[]): void;
   /** Records that volumes' images exist (first time only): agents may no longer create them. */
   markMaterialized(volumeIds: string[], at: string): void;
   /** Replaces everything the host reported with this report. */

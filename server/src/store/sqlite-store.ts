@@ -34,6 +34,7 @@ import type {
   HostRecord,
   KeyVersionRecord,
   Page,
+  VolumeFormatName,
   VolumeRecord,
 } from '../domain/model.js';
 import { LATEST_SCHEMA_VERSION, MIGRATIONS, SCHEMA_MIGRATIONS_DDL, assertMigrationsWellFormed } from './migrations.js';
@@ -302,6 +303,9 @@ function prepareStatements(db: Database.Database) {
     insertVolumeStatus: db.prepare<[string, string, number, string, string, string]>(
       'INSERT OR REPLACE INTO volume_status (volume_id, host_id, key_version, phase, reason, reported_at) VALUES (?, ?, ?, ?, ?, ?)',
     ),
+    imageDeletionsForHost: db.prepare<[string], { volume_id: string; format: string }>('SELECT volume_id, format FROM image_deletions WHERE host_id = ? ORDER BY volume_id'),
+    requestImageDeletion: db.prepare<[string, string, string, string]>('INSERT OR IGNORE INTO image_deletions (volume_id, host_id, format, requested_at) VALUES (?, ?, ?, ?)'),
+    completeImageDeletion: db.prepare<[string, string]>('DELETE FROM image_deletions WHERE host_id = ? AND volume_id = ?'),
     markMaterialized: db.prepare<[string, string]>('UPDATE volumes SET materialized_at = ? WHERE id = ? AND materialized_at IS NULL'),
     isMaterialized: db.prepare<[string], number>('SELECT 1 FROM volumes WHERE id = ? AND materialized_at IS NOT NULL').pluck(),
     bumpHostRevision: db.prepare<[string], number>('UPDATE hosts SET desired_revision = desired_revision + 1 WHERE id = ? RETURNING desired_revision').pluck(),
@@ -859,6 +863,10 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     return this.#s.guestStatuses.all(guestId).map(toGuestStatus);
   }
 
+  imageDeletionsForHost(hostId: string): { volumeId: string; format: VolumeFormatName }[] {
+    return this.#s.imageDeletionsForHost.all(hostId).map((r) => ({ volumeId: r.volume_id, format: r.format as VolumeFormatName }));
+  }
+
   isMaterialized(volumeId: string): boolean {
     return this.#s.isMaterialized.get(volumeId) === 1;
   }
@@ -1025,6 +1033,16 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     const revision = this.#s.bumpHostRevision.get(id);
     if (revision === undefined) throw errors.notFound('host');
     return revision;
+  }
+
+  requestImageDeletion(volumeId: string, hostId: string, format: VolumeFormatName, at: string): void {
+    this.#assertInUnit();
+    this.#s.requestImageDeletion.run(volumeId, hostId, format, at);
+  }
+
+  completeImageDeletions(hostId: string, volumeIds: string[]): void {
+    this.#assertInUnit();
+    for (const id of volumeIds) this.#s.completeImageDeletion.run(hostId, id);
   }
 
   markMaterialized(volumeIds: string[], at: string): void {
