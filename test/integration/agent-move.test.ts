@@ -51,7 +51,7 @@ libvirtTest(test, env, 'a guest moves from host A to host B: handover before wip
     writeFileSync(join(dir.path, 'g.xml'), xml);
     t.is((await admin('guest', 'define', name, '--xml', join(dir.path, 'g.xml'), '--host', 'hv-a', '--autostart')).code, 0);
     await until('running on A', () => virsh(['domstate', name]).stdout.trim() === 'running');
-    t.is(cacheEntries(stateA), 1);
+    await until('A cached the key', () => cacheEntries(stateA) === 1);
 
     const moved = await admin('guest', 'move', name, '--to', 'hv-b');
     t.is(moved.code, 0, moved.stderr);

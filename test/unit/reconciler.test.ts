@@ -24,7 +24,7 @@ interface Ctx {
   box: BoxKeyPair;
   hostId: string;
   libvirt: FakeLibvirt;
-  images: ImagePort & { files: Map<string, { kind: ImageInfo['kind']; key: Buffer }>; created: string[] };
+  images: ImagePort & { files: Map<string, { kind: ImageInfo['kind']; key: Buffer; uuid?: string }>; created: string[]; keyTests: number };
   cache: KeyCache;
   deps: ReconcilerDeps;
 }
@@ -39,28 +39,30 @@ test.beforeEach((t) => {
   const box = generateBoxKeyPair();
   const hostId = randomUUID();
   const libvirt = createFakeLibvirt();
-  const files = new Map<string, { kind: ImageInfo['kind']; key: Buffer }>();
+  const files = new Map<string, { kind: ImageInfo['kind']; key: Buffer; uuid?: string }>();
   const created: string[] = [];
-  const images = {
+  const images: Ctx['images'] = {
     files,
     created,
+    keyTests: 0,
     async create(spec: { path: string; format: string }, secret: Uint8Array) {
       if (files.has(spec.path)) throw new Error('exists');
-      files.set(spec.path, { kind: spec.format === 'luks' ? 'luks1' : spec.format === 'qcow2-luks' ? 'qcow2-luks' : spec.format === 'luks2' ? 'luks2' : 'raw', key: Buffer.from(secret) });
+      files.set(spec.path, { kind: spec.format === 'luks' ? 'luks1' : spec.format === 'qcow2-luks' ? 'qcow2-luks' : spec.format === 'luks2' ? 'luks2' : 'raw', key: Buffer.from(secret), uuid: randomUUID() });
       libvirt.imageKeys.set(spec.path, luksPassphrase(secret));
       created.push(spec.path);
     },
     async inspect(path: string): Promise<ImageInfo> {
       const f = files.get(path);
-      return f ? { exists: true, kind: f.kind } : { exists: false, kind: 'missing' };
+      return f ? { exists: true, kind: f.kind, ...(f.uuid ? { uuid: f.uuid } : {}) } : { exists: false, kind: 'missing' };
     },
     async remove(path: string) {
       files.delete(path);
     },
     async testKey(path: string, _spec: unknown, secret: Uint8Array) {
+      images.keyTests++;
       return files.get(path)?.key.equals(Buffer.from(secret)) ?? false;
     },
-  } as Ctx['images'];
+  };
   const dmcrypt: DmCryptPort = {
     unavailableReason: async () => 'no device-mapper in this kernel',
     open: async () => {
@@ -215,4 +217,21 @@ test('images are deleted only when asked, and never one a desired guest uses', a
   const gone = await reconcile(state(3n, [], [{ volumeId: g.volumes[0]!.volumeId, format: VolumeFormat.VOLUME_FORMAT_LUKS }]), t.context.deps);
   t.deepEqual(gone.deletedImages, [g.volumes[0]!.volumeId]);
   t.false(t.context.images.files.has(path));
+});
+
+test('a key checked against an image header is not checked again while the header is the same', async (t) => {
+  const secret = randomBytes(32);
+  const g = guest(t, { secret });
+  const path = imagePath(t.context.dir, g.volumes[0]!.volumeId, 'luks');
+  t.context.images.files.set(path, { kind: 'luks1', key: secret, uuid: randomUUID() });
+  t.context.libvirt.imageKeys.set(path, luksPassphrase(secret));
+  await reconcile(state(1n, [g]), t.context.deps);
+  t.is(t.context.images.keyTests, 1);
+  await reconcile(state(1n, [g]), t.context.deps);
+  t.is(t.context.images.keyTests, 1, 'same header: no second check');
+  // Another image under the same path (a new header) is checked again, and refused.
+  t.context.images.files.set(path, { kind: 'luks1', key: randomBytes(32), uuid: randomUUID() });
+  const r = await reconcile(state(2n, [g]), t.context.deps);
+  t.is(t.context.images.keyTests, 2);
+  t.is(r.volumes[0]!.phase, VolumePhase.VOLUME_PHASE_WRONG_KEY);
 });

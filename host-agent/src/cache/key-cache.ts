@@ -21,11 +21,19 @@ export interface CachedKey {
   /** Guests on this host that use the volume. */
   guestIds: string[];
   secret: Uint8Array;
+  /**
+   * The LUKS UUID of the image this key was last checked against. While the image still
+   * has that header, the (slow, key-stretched) check is not repeated: at start-up many
+   * volumes must be ready fast. QEMU and cryptsetup still refuse a wrong key at open.
+   */
+  verifiedHeader?: string;
 }
 
 /** What the cache offers the reconciler. */
 export interface KeyCache {
   get(volumeId: string, keyVersion: number): Uint8Array | undefined;
+  /** The header this key was last verified against (see CachedKey.verifiedHeader). */
+  verifiedHeader(volumeId: string, keyVersion: number): string | undefined;
   /**
    * Replaces the whole content and persists it; the cache takes ownership of the secrets.
    * `desired` is the last desired state from the server (key packets removed), kept so
@@ -50,7 +58,7 @@ function encode(entries: CachedKey[], desired: Uint8Array | undefined): Buffer {
   const json = JSON.stringify({
     format: FORMAT,
     desired: desired ? Buffer.from(desired).toString('base64') : null,
-    entries: entries.map((e) => ({ v: e.volumeId, k: e.keyVersion, g: e.guestIds, s: Buffer.from(e.secret).toString('base64') })),
+    entries: entries.map((e) => ({ v: e.volumeId, k: e.keyVersion, g: e.guestIds, h: e.verifiedHeader ?? null, s: Buffer.from(e.secret).toString('base64') })),
   });
   return Buffer.from(json, 'utf8');
 }
@@ -65,7 +73,13 @@ function decode(plain: Uint8Array): { entries: CachedKey[]; desired: Uint8Array 
   const d = doc as { format?: unknown; entries?: unknown; desired?: unknown };
   if (d.format !== FORMAT || !Array.isArray(d.entries)) throw errors.precondition('key cache has an unknown format');
   return {
-    entries: (d.entries as { v: string; k: number; g: string[]; s: string }[]).map((e) => ({ volumeId: e.v, keyVersion: e.k, guestIds: e.g, secret: ownedCopy(Buffer.from(e.s, 'base64')) })),
+    entries: (d.entries as { v: string; k: number; g: string[]; h?: string | null; s: string }[]).map((e) => ({
+      volumeId: e.v,
+      keyVersion: e.k,
+      guestIds: e.g,
+      secret: ownedCopy(Buffer.from(e.s, 'base64')),
+      ...(e.h ? { verifiedHeader: e.h } : {}),
+    })),
     desired: typeof d.desired === 'string' ? Buffer.from(d.desired, 'base64') : undefined,
   };
 }
@@ -133,6 +147,9 @@ export function openKeyCache(path: string, hostKey: WrappingKey, hostId: string)
     },
     lastDesired() {
       return desired;
+    },
+    verifiedHeader(volumeId, keyVersion) {
+      return entries.find((e) => e.volumeId === volumeId && e.keyVersion === keyVersion)?.verifiedHeader;
     },
     entries() {
       return entries.map(({ volumeId, keyVersion, guestIds }) => ({ volumeId, keyVersion, guestIds }));

@@ -133,11 +133,9 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           blocked ||= `volume ${dv.name}: no key yet`;
           continue;
         }
-        if (!keep.some((k) => k.volumeId === dv.volumeId && k.keyVersion === dv.keyVersion)) {
-          keep.push({ volumeId: dv.volumeId, keyVersion: dv.keyVersion, guestIds: [g.guestId], secret: ownedCopy(secret) });
-        } else {
-          keep.find((k) => k.volumeId === dv.volumeId)?.guestIds.push(g.guestId);
-        }
+        let kept = keep.find((k) => k.volumeId === dv.volumeId && k.keyVersion === dv.keyVersion);
+        if (kept) kept.guestIds.push(g.guestId);
+        else keep.push((kept = { volumeId: dv.volumeId, keyVersion: dv.keyVersion, guestIds: [g.guestId], secret: ownedCopy(secret) }));
         const spec: ImageSpec = {
           path: imagePath(deps.imageDir, dv.volumeId, format),
           format,
@@ -158,6 +156,8 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
             }
             await images.create(spec, secret);
             status.created = true;
+            const made = (await images.inspect(spec.path)).uuid;
+            if (made) kept.verifiedHeader = made;
             logger.info('image created', { volume_id: dv.volumeId, format });
           } else if (info.kind !== expectedKind(format)) {
             // Never overwrite, never treat an encrypted image as raw.
@@ -165,11 +165,15 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
             status.reason = `image is ${info.kind}, expected ${expectedKind(format)}`;
             blocked ||= `volume ${dv.name}: ${status.reason}`;
             continue;
-          } else if (format !== 'plain' && !(await images.testKey(spec.path, spec, secret))) {
-            status.phase = VolumePhase.VOLUME_PHASE_WRONG_KEY;
-            status.reason = 'the key does not open the image';
-            blocked ||= `volume ${dv.name}: wrong key`;
-            continue;
+          } else if (format !== 'plain') {
+            const known = info.uuid !== undefined && cache.verifiedHeader(dv.volumeId, dv.keyVersion) === info.uuid;
+            if (!known && !(await images.testKey(spec.path, spec, secret))) {
+              status.phase = VolumePhase.VOLUME_PHASE_WRONG_KEY;
+              status.reason = 'the key does not open the image';
+              blocked ||= `volume ${dv.name}: wrong key`;
+              continue;
+            }
+            if (info.uuid) kept.verifiedHeader = info.uuid;
           }
           let path = spec.path;
           const secretUuid = secretUuidFor(dv.volumeId, dv.keyVersion, sha256);
