@@ -85,3 +85,18 @@ export function openSealed(sealed: Uint8Array, keyPair: BoxKeyPair): Uint8Array 
     throw new Error('cannot open sealed packet');
   }
 }
+
+/**
+ * Prepared recipients by owner id, re-prepared when the owner's key changes: sealing many
+ * packets to the same host imports its key once.
+ */
+export function createRecipientCache(): (ownerId: string, raw: Uint8Array) => BoxRecipient {
+  const cache = new Map<string, { raw: Buffer; recipient: BoxRecipient }>();
+  return (ownerId, raw) => {
+    const hit = cache.get(ownerId);
+    if (hit && hit.raw.equals(raw)) return hit.recipient;
+    const recipient = boxRecipient(raw);
+    cache.set(ownerId, { raw: Buffer.from(raw), recipient });
+    return recipient;
+  };
+}

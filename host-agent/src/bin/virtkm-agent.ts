@@ -4,8 +4,8 @@
  * `run`. Parses the command line and hands over to the composition roots.
  */
 import { readFileSync } from 'node:fs';
-import { Command, CommanderError } from 'commander';
-import { isDomainError } from '../../../shared/src/errors.js';
+import { Command } from 'commander';
+import { runProgram } from '../../../shared/src/cli-run.js';
 import { silenceIpServernameWarning } from '../../../shared/src/warnings.js';
 import { enrollCommand } from '../enroll/enroll-command.js';
 import { runAgentCommand } from '../agent/run-command.js';
@@ -40,17 +40,4 @@ program
     await runAgentCommand(o);
   });
 
-try {
-  await program.parseAsync(process.argv);
-} catch (err) {
-  if (err instanceof CommanderError) {
-    process.exitCode = err.exitCode === 0 ? 0 : 2;
-  } else if (isDomainError(err)) {
-    process.stderr.write(`virtkm-agent: ${err.message}\n`);
-    if (err.hint) process.stderr.write(`virtkm-agent: hint: ${err.hint}\n`);
-    process.exitCode = err.kind === 'invalid_argument' ? 2 : 1;
-  } else {
-    process.stderr.write(`virtkm-agent: ${err instanceof Error ? err.message : String(err)}\n`);
-    process.exitCode = 1;
-  }
-}
+await runProgram('virtkm-agent', program);

@@ -14,7 +14,7 @@ import {
   type HostReport,
   type SealedKeyPacket,
 } from '../../../shared/src/api.js';
-import { boxRecipient, type BoxRecipient } from '../../../shared/src/box.js';
+import { createRecipientCache, type BoxRecipient } from '../../../shared/src/box.js';
 import { errors, toWireError } from '../../../shared/src/errors.js';
 import { describeError } from '../../../shared/src/log.js';
 import type { Clock } from '../domain/clock.js';
@@ -74,14 +74,10 @@ export function parseHostReport(hostId: string, r: HostReport, at: string): { gu
 /** The desired-state builder the hub uses: seals packets, audits each release first. */
 export function createDesiredStateBuilder(deps: Omit<AgentServiceDeps, 'hub'>, sentPackets: (hostId: string) => Set<string>) {
   const { store, vault, clock } = deps;
-  const recipients = new Map<string, { raw: Buffer; recipient: BoxRecipient }>();
-  const recipientOf = (host: HostRecord): BoxRecipient => {
-    const cached = recipients.get(host.id);
-    if (cached && cached.raw.equals(host.boxPublicKey)) return cached.recipient;
-    const recipient = boxRecipient(host.boxPublicKey);
-    recipients.set(host.id, { raw: Buffer.from(host.boxPublicKey), recipient });
-    return recipient;
-  };
+  // Parsed X25519 keys per host, so the hot path does not re-import them.
+  const recipients = createRecipientCache();
+  const recipientOf = (host: HostRecord): BoxRecipient => recipients(host.id, host.boxPublicKey);
+
   return async (hostId: string): Promise<DesiredState> => {
     const host = store.getHost(hostId);
     if (!host || host.state !== 'enrolled') throw errors.unauthenticated('host is not enrolled');

@@ -3,8 +3,8 @@
  * Entry point of `virtkm-server`: parses the command line and hands over to the
  * composition roots in app/ (init and run). No logic here.
  */
-import { Command, CommanderError } from 'commander';
-import { isDomainError } from '../../../shared/src/errors.js';
+import { Command } from 'commander';
+import { runProgram } from '../../../shared/src/cli-run.js';
 import { initCommand } from '../app/init-command.js';
 import { runCommand } from '../app/run-command.js';
 
@@ -39,17 +39,4 @@ program
     await runCommand(o);
   });
 
-try {
-  await program.parseAsync(process.argv);
-} catch (err) {
-  if (err instanceof CommanderError) {
-    process.exitCode = err.exitCode === 0 ? 0 : 2;
-  } else if (isDomainError(err)) {
-    process.stderr.write(`virtkm-server: ${err.message}\n`);
-    if (err.hint) process.stderr.write(`virtkm-server: hint: ${err.hint}\n`);
-    process.exitCode = err.kind === 'invalid_argument' ? 2 : 1;
-  } else {
-    process.stderr.write(`virtkm-server: ${err instanceof Error ? err.message : String(err)}\n`);
-    process.exitCode = 1;
-  }
-}
+await runProgram('virtkm-server', program);

@@ -5,7 +5,7 @@
  * once those audit entries are durable.
  */
 import type { KeyServiceServer, SealedKeyPacket } from '../../../shared/src/api.js';
-import { boxRecipient, type BoxRecipient } from '../../../shared/src/box.js';
+import { createRecipientCache, type BoxRecipient } from '../../../shared/src/box.js';
 import { errors } from '../../../shared/src/errors.js';
 import type { Clock } from '../domain/clock.js';
 import type { HostRecord } from '../domain/model.js';
@@ -28,16 +28,11 @@ const TOUCH_INTERVAL_MS = 1000;
 /** Creates the grpc-js implementation of KeyService. */
 export function createKeyService(deps: KeyServiceDeps): KeyServiceServer {
   const { store, vault, clock } = deps;
-  // Parsed X25519 keys per host, so the hot path does not re-import them.
-  const recipients = new Map<string, { raw: Buffer; recipient: BoxRecipient }>();
   const lastTouch = new Map<string, number>();
-  const recipientOf = (host: HostRecord): BoxRecipient => {
-    const cached = recipients.get(host.id);
-    if (cached && cached.raw.equals(host.boxPublicKey)) return cached.recipient;
-    const recipient = boxRecipient(host.boxPublicKey);
-    recipients.set(host.id, { raw: Buffer.from(host.boxPublicKey), recipient });
-    return recipient;
-  };
+  // Parsed X25519 keys per host, so the hot path does not re-import them.
+  const recipients = createRecipientCache();
+  const recipientOf = (host: HostRecord): BoxRecipient => recipients(host.id, host.boxPublicKey);
+
 
   return {
     releaseKeys: unary(deps, 'ReleaseKeys', ['host'], async (req, p) => {
