@@ -146,6 +146,8 @@ test.serial('desired state with sealed key packets on hello; reports show in gue
   }
   t.is(view?.phase, 'running', t.context.server.logs().split('\n').filter((l) => l.includes('error')).join('\n'));
   t.deepEqual(view?.volume_reports.map((r) => [r.host, r.phase]), [['hv1', 'ready']]);
+  const hostView = JSON.parse((await admin(t, 'host', 'show', 'hv1', '--json')).stdout) as { placed_guests: { name: string; phase: string }[] };
+  t.deepEqual(hostView.placed_guests.map((g) => [g.name, g.phase]), [['g1', 'running']]);
 
   // Move to hv2: hv1 keeps the guest but must stop it; hv2 gets the key and must not run it yet.
   const a2 = new FakeAgent(t.context.server.address, t.context.hosts['hv2']!);

@@ -8,7 +8,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { Command, CommanderError, Option } from 'commander';
 import { Metadata, type CallOptions, type ClientUnaryCall, type ServiceError } from '@grpc/grpc-js';
-import { Role, type AuditEvent, type ListVolumesResponse } from '../../../shared/src/api.js';
+import { Role, type AuditEvent, type ListGuestsResponse, type ListVolumesResponse } from '../../../shared/src/api.js';
 import { DomainError, isDomainError, type ErrorKind } from '../../../shared/src/errors.js';
 import { callOptions, unaryCall } from '../../../shared/src/grpc-client.js';
 import { formatCredentialBundle, generateTlsKeyPair, parseCredentialBundle } from '../../../shared/src/pki.js';
@@ -264,12 +264,24 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
     });
   host
     .command('show <host>')
-    .description('show a host')
+    .description('show a host and what its agent reported about the guests placed on it')
     .option('--json', 'machine-readable output')
     .action(async (ref: string, o: { json?: boolean }) => {
       const res = await rpc((c) => c.hosts.getHost.bind(c.hosts), { host: ref });
       const h = hostView(res.host!);
-      out(!!o.json, h, () => Object.entries(h).map(([k, v]) => `${(k + ':').padEnd(16)}${String(v) || '-'}`).join('\n') + '\n');
+      const guests: ReturnType<typeof guestView>[] = [];
+      let tok = '';
+      do {
+        const page: ListGuestsResponse = await rpc((c) => c.guests.listGuests.bind(c.guests), { page: { pageSize: 100, pageToken: tok }, namePrefix: '', host: h.name });
+        guests.push(...page.guests.map((g) => guestView(g, false)));
+        tok = page.nextPageToken;
+      } while (tok);
+      const view = { ...h, placed_guests: guests.map((g) => ({ name: g.name, phase: g.phase, reason: g.phase_reason, reported_at: g.reported_at })) };
+      out(!!o.json, view, () =>
+        Object.entries(h).map(([k, v]) => `${(k + ':').padEnd(16)}${String(v) || '-'}`).join('\n') +
+        '\n' +
+        (guests.length ? '\n' + table(['GUEST', 'STATE', 'REASON'], guests.map((g) => [g.name, g.phase || '-', g.phase_reason])) : ''),
+      );
     });
   host
     .command('revoke <host>')
