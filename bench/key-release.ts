@@ -477,13 +477,15 @@ async function run(opts: BenchOptions): Promise<Results> {
   } finally {
     clearInterval(progress);
   }
-  if (ids.some((id) => typeof id !== 'string')) throw new Error('some volumes have no id');
+  // A plain loop: some() would skip the holes of a sparse array.
+  for (let i = 0; i < ids.length; i++) if (typeof ids[i] !== 'string') throw new Error(`volume ${volumeName(i)} has no id`);
 
   // 2. Host enrollment and guests.
   const t0 = performance.now();
   const tokenRes = await unaryCall<CreateEnrollmentTokenResponse>((cb) => admin.hosts.createEnrollmentToken({ host: HOST_NAME, ttlSeconds: 600 }, new Metadata(), callOptions(), cb));
   const tlsKeys = await generateTlsKeyPair();
   const box = generateBoxKeyPair();
+  cleanups.push(() => wipe(box.secretKey));
   const enrolled = await enrollHost(server.enrollAddress, tokenRes.token, { tlsPublicKey: tlsKeys.publicKeyDer, boxPublicKey: box.publicKey });
   if (enrolled.host !== HOST_NAME) throw new Error(`enrolled as host "${enrolled.host}", expected "${HOST_NAME}"`);
   // The bundle an agent would keep; parsing it checks the chain and that the key matches.

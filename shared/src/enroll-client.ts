@@ -5,6 +5,7 @@
  * certificate), and only then makes the Enroll call over TLS verified against that CA.
  */
 import { createHash, X509Certificate } from 'node:crypto';
+import { isIP } from 'node:net';
 import { connect, type DetailedPeerCertificate } from 'node:tls';
 import { Metadata } from '@grpc/grpc-js';
 import { EnrollmentServiceClient, type EnrollResponse } from './api.js';
@@ -33,7 +34,8 @@ export async function fetchPinnedCa(address: string, pinHex: string, timeoutMs =
   const chain = await new Promise<DetailedPeerCertificate>((resolve, reject) => {
     // Verification is off for this one read-only look at the chain: nothing is sent, and
     // the result is trusted only if it matches the pin from the token.
-    const socket = connect({ host, port, rejectUnauthorized: false, minVersion: 'TLSv1.3', ALPNProtocols: ['h2'], servername: host });
+    // SNI only for names: an IP address as servername is deprecated (DEP0123).
+    const socket = connect({ host, port, rejectUnauthorized: false, minVersion: 'TLSv1.3', ALPNProtocols: ['h2'], ...(isIP(host) === 0 ? { servername: host } : {}) });
     const timer = setTimeout(() => {
       socket.destroy();
       reject(errors.invalid(`no TLS answer from ${address}`));

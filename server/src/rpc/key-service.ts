@@ -43,9 +43,11 @@ export function createKeyService(deps: KeyServiceDeps): KeyServiceServer {
       const hostId = p.hostId;
       const host = hostId === undefined ? undefined : store.getHost(hostId);
       if (!host) throw errors.unauthenticated('host is not enrolled');
-      // Authorise every volume before releasing any. An unknown volume and a volume placed
-      // elsewhere get the same answer, so a host cannot probe which volumes exist.
-      const refused = ids.filter((id) => !store.isVolumePlacedOnHost(id, host.id));
+      // Authorise every volume before releasing any (one query each: placement, volume and
+      // active key). An unknown volume and a volume placed elsewhere get the same answer, so
+      // a host cannot probe which volumes exist.
+      const found = ids.map((id) => ({ id, r: store.getReleasable(id, host.id) }));
+      const refused = found.filter((f) => f.r === undefined).map((f) => f.id);
       if (refused.length > 0) {
         await store.write((tx) => {
           for (const id of refused) tx.appendAudit({ actor: actorOf(p), action: 'key.refuse', target: id, outcome: 'denied', detail: { reason: 'not placed on host' } });
@@ -55,14 +57,8 @@ export function createKeyService(deps: KeyServiceDeps): KeyServiceServer {
       const now = clock.now();
       const issuedAt = now.toISOString();
       const recipient = { hostId: host.id, recipient: recipientOf(host) };
-      const released: { id: string; version: number }[] = [];
-      const packets: SealedKeyPacket[] = ids.map((id) => {
-        const volume = store.getVolume(id);
-        const key = store.getActiveKey(id);
-        if (!volume || !key) throw errors.denied('1 of the requested volumes are not placed on this host');
-        released.push({ id, version: key.version });
-        return vault.packetForHost(volume, key, recipient, issuedAt);
-      });
+      const packets: SealedKeyPacket[] = found.map(({ r }) => vault.packetForHost(r!.volume, r!.key, recipient, issuedAt));
+      const released = found.map(({ id, r }) => ({ id, version: r!.key.version }));
       const touch = now.getTime() - (lastTouch.get(host.id) ?? 0) >= TOUCH_INTERVAL_MS;
       await store.write((tx) => {
         for (const r of released) tx.appendAudit({ actor: actorOf(p), action: 'key.release', target: r.id, outcome: 'ok', detail: { key_version: r.version } });

@@ -77,6 +77,11 @@ export interface StoreReader {
    * authorisation check: it must be one indexed query.
    */
   isVolumePlacedOnHost(volumeId: string, hostId: string): boolean;
+  /**
+   * The key-release hot path in one query: the volume and its active key version, only if
+   * a guest using the volume is placed on the host (else undefined).
+   */
+  getReleasable(volumeId: string, hostId: string): { volume: VolumeRecord; key: KeyVersionRecord } | undefined;
 
   /** Guests placed on the host or being handed over from it, by name. */
   guestsForHost(hostId: string): GuestRecord[];

@@ -281,6 +281,15 @@ function prepareStatements(db: Database.Database) {
                          WHERE gv.volume_id = ? AND g.host_id = ?)`,
       )
       .pluck(),
+    getReleasable: db
+      .prepare<[string, string], VolumeRow & { k_version: number; k_state: string; k_sealed: Buffer | null; k_created_at: string }>(
+        `SELECT v.id, v.name, v.size_bytes, v.format, v.cipher, v.key_size_bits, v.sector_size, v.active_version, v.created_at,
+                k.version AS k_version, k.state AS k_state, k.sealed AS k_sealed, k.created_at AS k_created_at
+           FROM volumes v JOIN key_versions k ON k.volume_id = v.id AND k.version = v.active_version
+          WHERE v.id = ? AND k.sealed IS NOT NULL AND k.state <> 'destroyed'
+            AND EXISTS (SELECT 1 FROM guest_volumes gv JOIN guests g ON g.id = gv.guest_id WHERE gv.volume_id = v.id AND g.host_id = ?)`,
+      )
+      .safeIntegers(true),
     countGuestsOnHost: db.prepare<[string], number>('SELECT count(*) FROM guests WHERE host_id = ?').pluck(),
     upsertGuest: db.prepare<[string, string, string, string | null, number, string, string, number, string | null]>(
       `INSERT INTO guests (${GUEST_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -853,6 +862,15 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     const { start, end } = nameRange('', decodeNameToken(pageToken, 'host'));
     const rows = this.#s.listHosts.all(start, end, limit + 1);
     return toPage(rows.map(toHost), limit, (h) => encodePageToken('host', h.name));
+  }
+
+  getReleasable(volumeId: string, hostId: string): { volume: VolumeRecord; key: KeyVersionRecord } | undefined {
+    const r = this.#s.getReleasable.get(volumeId, hostId);
+    if (!r) return undefined;
+    return {
+      volume: toVolume(r),
+      key: toKeyVersion({ volume_id: r.id, version: Number(r.k_version), state: r.k_state, sealed: r.k_sealed, created_at: r.k_created_at }),
+    };
   }
 
   guestsForHost(hostId: string): GuestRecord[] {
