@@ -761,3 +761,26 @@ test('secure_delete: a deleted sealed secret is gone from the db and WAL files',
   const third = t.context.open();
   t.is(third.getKeyVersions('vol-filler3').length, 1);
 });
+
+test('getReleasable returns volume and active key only when placed on the host and the key is live', async (t) => {
+  const store = t.context.open();
+  const sealed = new Uint8Array(72).fill(5);
+  await store.write((tx) => {
+    tx.insertHost(host('h1'));
+    tx.insertHost(host('h2'));
+    tx.insertVolume(volume('a', { sizeBytes: (1n << 62n) + 3n }));
+    tx.insertKeyVersion({ volumeId: 'vol-a', version: 1, state: 'active', sealed, createdAt: NOW });
+    tx.upsertGuest(guest('g1', { hostId: 'host-h1', volumeIds: ['vol-a'] }));
+  });
+  const r = store.getReleasable('vol-a', 'host-h1');
+  t.is(r?.volume.sizeBytes, (1n << 62n) + 3n);
+  t.is(r?.key.version, 1);
+  t.deepEqual(r?.key.sealed, sealed);
+  t.is(store.getReleasable('vol-a', 'host-h2'), undefined, 'not placed there');
+  t.is(store.getReleasable('missing', 'host-h1'), undefined);
+  await store.write((tx) => {
+    tx.insertKeyVersion({ volumeId: 'vol-a', version: 2, state: 'destroyed', sealed: null, createdAt: NOW });
+  });
+  await rejectsKind(t, store.write((tx) => tx.setActiveVersion('vol-a', 2)), 'failed_precondition');
+  t.is(store.getReleasable('vol-a', 'host-h1')?.key.version, 1, 'a destroyed version never becomes the released one');
+});
