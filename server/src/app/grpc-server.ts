@@ -98,7 +98,6 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
     'grpc.keepalive_permit_without_calls': 1,
   };
   const main = new Server(opts);
-  const enrollAddressPlaceholder = { value: '' };
   const ctx = { store: deps.store, logger: deps.logger.child('rpc') };
   // Key packets carried on each host's current stream, so a report can ask for the rest.
   const sentPackets = new Map<string, Set<string>>();
@@ -108,6 +107,7 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
   main.addService(AgentServiceService, createAgentService({ ...agentDeps, hub }, sentFor));
   main.addService(VolumeServiceService, createVolumeService({ ...ctx, vault: deps.vault, clock: deps.clock }));
   main.addService(GuestServiceService, createGuestService({ ...ctx, clock: deps.clock, notifier: hub }));
+  // enrollAddress is filled in below, once the enrollment listener is bound.
   const hostDeps = { ...ctx, clock: deps.clock, issuer: deps.issuer, enrollAddress: '', hub };
   main.addService(HostServiceService, createHostService(hostDeps));
   main.addService(CredentialServiceService, createCredentialService({ ...ctx, clock: deps.clock, issuer: deps.issuer }));
@@ -122,17 +122,16 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
     enrollServer = new Server({ ...opts, 'grpc.max_receive_message_length': MAX_ENROLL_REQUEST_BYTES });
     const apiAddress = /^(0\.0\.0\.0|\[::\]):/.test(address) ? '' : address;
     enrollServer.addService(EnrollmentServiceService, createEnrollmentService({ ...ctx, clock: deps.clock, issuer: deps.issuer, hostCertDays: deps.hostCertDays, apiAddress: () => apiAddress }));
-    enrollAddressPlaceholder.value = await bind(enrollServer, deps.enrollListen, deps.enrollCredentials);
-    hostDeps.enrollAddress = enrollAddressPlaceholder.value;
+    hostDeps.enrollAddress = await bind(enrollServer, deps.enrollListen, deps.enrollCredentials);
   }
   health.setStatus('', 'SERVING');
   health.setStatus('virtkm.v1.KeyService', 'SERVING');
   state = 'running';
-  deps.logger.info('listening', { address, enroll_address: enrollAddressPlaceholder.value || undefined });
+  deps.logger.info('listening', { address, enroll_address: hostDeps.enrollAddress || undefined });
 
   return {
     address,
-    enrollAddress: enrollAddressPlaceholder.value,
+    enrollAddress: hostDeps.enrollAddress,
     state: () => state,
     async shutdown(graceMs) {
       if (state === 'draining' || state === 'stopped') return;
