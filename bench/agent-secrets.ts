@@ -5,18 +5,26 @@
  *
  *   node dist/bench/agent-secrets.js [--volumes 200] [--json out.json] [--markdown out.md]
  *       [--size-mib 16] [--create-volumes 50] [--create-gib 1] [--create-concurrency 1]
- *       [--create-seconds 300] [--precreate-concurrency NPROC] [--key-check-sample 20]
- *       [--restart-libvirtd] [--run-timeout 300] [--poll-ms 50] [--skip-images]
+ *       [--create-seconds 300] [--precreate cryptsetup|store] [--precreate-concurrency NPROC]
+ *       [--key-check-sample 20] [--restart-libvirtd] [--run-timeout 300] [--poll-ms 50]
+ *       [--skip-images]
  *
  * Part 1, secrets readiness (real server process, real agent process, real libvirtd):
  *   - N volumes (format luks, --size-mib each) placed on one host through guests of at most
  *     64 disks (autostart off), the host enrolled by `virtkm-agent enroll`.
- *   - The images are created beforehand by this process with the agent's own image store
- *     (createHostImageStore, the same qemu-img options), --precreate-concurrency at a time,
- *     with keys released to the host (ReleaseKeys with the host's own credentials, packets
- *     opened with its box key from the state directory). The agent would create them one
- *     by one at about 2 s of CPU each (qemu-img's PBKDF2 calibration): too slow for a
- *     warm-up run here. The measured runs therefore find every image in place.
+ *   - The images exist before the measured runs: made by this process, --precreate-concurrency
+ *     at a time, with the keys released to the host (ReleaseKeys with the host's own
+ *     credentials, packets opened with its box key from the state directory). The agent
+ *     would create them one by one at about 2.4 s of CPU each (qemu-img calibrates PBKDF2
+ *     on every create): 8 minutes for 200, too slow for a warm-up run here.
+ *       --precreate cryptsetup (default): the first 4 with the agent's image store
+ *         (createHostImageStore: qemu-img, iter-time 100 ms); the others as LUKS1 with
+ *         `cryptsetup luksFormat --type luks1 --pbkdf-force-iterations` (no calibration,
+ *         about 0.3 s each), cipher, hash and passphrase bytes as the store's, and the
+ *         same PBKDF2 work per unlock: keyslot + digest iterations summed as in the
+ *         reference images. QEMU's 'luks' driver reads both kinds; the key-check breakdown
+ *         below times the agent's check on each kind, so the equivalence is visible.
+ *       --precreate store: all with the image store (about 7 minutes for 200 here).
  *   - Three agent runs, each from process spawn until all N secrets are listed by
  *     `virsh secret-list` (polled every --poll-ms) and the agent has logged the end of the
  *     reconcile that defined them:
@@ -32,8 +40,9 @@
  *   - Ceilings measured in the same run: `node -e 0` (bare process start) and N secrets
  *     defined and set one after the other through the libvirt adapter (createLibvirtFfi) in
  *     this process. And a breakdown: the image store's key check (testKey, qemu-io opening
- *     the LUKS keyslot), which the reconciler runs once per volume before defining its
- *     secret, timed on --key-check-sample volumes.
+ *     the LUKS keyslot), which the reconciler runs per volume before defining its secret
+ *     unless the cache says the key was verified against this image header (so: in the
+ *     first and cold runs, not in the warm one), timed on --key-check-sample volumes.
  *
  * Part 2, image creation: --create-volumes qcow2-luks images of --create-gib GiB with the
  * real image store in a temporary directory, next to `qemu-img create -f qcow2` of as many
@@ -49,6 +58,7 @@
 import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -76,7 +86,7 @@ import { machineInfo, type MachineInfo } from './load.js';
 
 const USAGE = `usage: node dist/bench/agent-secrets.js [--volumes N] [--size-mib M] [--json FILE] [--markdown FILE]
        [--create-volumes N] [--create-gib G] [--create-concurrency C] [--create-seconds S]
-       [--precreate-concurrency C] [--key-check-sample N] [--restart-libvirtd]
+       [--precreate cryptsetup|store] [--precreate-concurrency C] [--key-check-sample N] [--restart-libvirtd]
        [--run-timeout S] [--poll-ms MS] [--skip-images]`;
 
 interface BenchOptions {
@@ -87,6 +97,7 @@ interface BenchOptions {
   createConcurrency: number;
   createSeconds: number;
   precreateConcurrency: number;
+  precreate: 'cryptsetup' | 'store';
   keyCheckSample: number;
   restartLibvirtd: boolean;
   runTimeoutS: number;
@@ -94,6 +105,11 @@ interface BenchOptions {
   skipImages: boolean;
   json: string | undefined;
   markdown: string | undefined;
+}
+
+function precreateMethod(v: string | undefined): 'cryptsetup' | 'store' {
+  if (v === 'cryptsetup' || v === 'store') return v;
+  throw new Error(`--precreate must be cryptsetup or store\n${USAGE}`);
 }
 
 function parseOptions(argv: string[], nproc: number): BenchOptions {
@@ -107,6 +123,7 @@ function parseOptions(argv: string[], nproc: number): BenchOptions {
       'create-concurrency': { type: 'string', default: '1' },
       'create-seconds': { type: 'string', default: '300' },
       'precreate-concurrency': { type: 'string', default: String(nproc) },
+      precreate: { type: 'string', default: 'cryptsetup' },
       'key-check-sample': { type: 'string', default: '20' },
       'restart-libvirtd': { type: 'boolean', default: false },
       'run-timeout': { type: 'string', default: '300' },
@@ -134,6 +151,7 @@ function parseOptions(argv: string[], nproc: number): BenchOptions {
     createConcurrency: int('create-concurrency', values['create-concurrency'], 1, 64),
     createSeconds: int('create-seconds', values['create-seconds'], 1),
     precreateConcurrency: int('precreate-concurrency', values['precreate-concurrency'], 1, 64),
+    precreate: precreateMethod(values.precreate),
     keyCheckSample: int('key-check-sample', values['key-check-sample'], 0),
     restartLibvirtd: values['restart-libvirtd'] ?? false,
     runTimeoutS: int('run-timeout', values['run-timeout'], 10),
@@ -151,6 +169,12 @@ const MAX_DISKS_PER_GUEST = 64;
 const TARGET_SECONDS = 2;
 const MIB = 1n << 20n;
 const GIB = 1n << 30n;
+/** Images made by the agent's image store before the rest is made by cryptsetup (--precreate cryptsetup). */
+const REFERENCE_IMAGES = 4;
+/** cryptsetup's master-key digest iterations for LUKS1 when iterations are forced (its minimum). */
+const CRYPTSETUP_DIGEST_ITERATIONS = 1000;
+/** Payload offset of the cryptsetup-made LUKS1 images. */
+const LUKS1_PAYLOAD_BYTES = 2n * MIB;
 /** Guests get this much memory: they only have to start, not to boot anything. */
 const GUEST_MEMORY_MIB = 64;
 
@@ -584,6 +608,61 @@ async function imageCreation(opts: BenchOptions): Promise<ImageCreationResult> {
 
 // --- Part 1 -------------------------------------------------------------------------------------
 
+interface PrecreateResult {
+  method: 'cryptsetup' | 'store';
+  seconds: number;
+  concurrency: number;
+  /** Images made by the agent's image store (qemu-img) and by cryptsetup. */
+  byStore: number;
+  byCryptsetup: number;
+  /** CPU seconds of the tools (qemu-img, cryptsetup), all images together. */
+  toolCpuS: number;
+  retries: number;
+  /** PBKDF2 iterations: of the reference images, and what the cryptsetup images got. */
+  iterations: { referenceKeyslot: number[]; referenceDigest: number[]; forcedKeyslot: number } | undefined;
+}
+
+interface KeyCheckResult {
+  sample: number;
+  meanMs: number;
+  p50Ms: number;
+  maxMs: number;
+}
+
+/** PBKDF2 iterations of a LUKS1 header (cryptsetup luksDump): keyslot 0 and the master-key digest. */
+async function luks1Iterations(path: string): Promise<{ keyslot: number; digest: number }> {
+  const r = await runTool('cryptsetup', ['luksDump', path], { timeoutMs: 30_000 });
+  if (r.code !== 0) throw new Error(`cryptsetup luksDump ${path} failed: ${r.stderr.trim()}`);
+  const digest = /MK iterations:\s*(\d+)/.exec(r.stdout)?.[1];
+  const keyslot = /Key Slot 0: ENABLED\s+Iterations:\s*(\d+)/.exec(r.stdout)?.[1];
+  if (!digest || !keyslot) throw new Error(`cannot read the PBKDF2 iterations of ${path}`);
+  return { keyslot: Number(keyslot), digest: Number(digest) };
+}
+
+/**
+ * A LUKS1 image as QEMU's 'luks' format reads it, made by cryptsetup with a fixed PBKDF2
+ * iteration count (no calibration): `keyslotIterations` for keyslot 0, cryptsetup's
+ * minimum for the master-key digest. Same cipher, hash and passphrase bytes as the image
+ * store; payload at 2 MiB, so the volume has its full size. Owner-only, like the store's.
+ */
+async function cryptsetupLuks1(spec: ImageSpec, secret: Uint8Array, keyslotIterations: number): Promise<void> {
+  const fh = await open(spec.path, 'wx', 0o600);
+  try {
+    await fh.truncate(Number(spec.sizeBytes + LUKS1_PAYLOAD_BYTES));
+  } finally {
+    await fh.close();
+  }
+  const passphrase = luksPassphrase(secret);
+  try {
+    const args = ['luksFormat', '--type', 'luks1', '--batch-mode', '--key-file', '-', '--cipher', spec.cipher, '--key-size', String(spec.keySizeBits), '--hash', 'sha256',
+      '--pbkdf-force-iterations', String(keyslotIterations), '--align-payload', String(Number(LUKS1_PAYLOAD_BYTES / 512n)), spec.path];
+    const r = await runTool('cryptsetup', args, { stdin: passphrase, timeoutMs: 60_000 });
+    if (r.code !== 0) throw new Error(`cryptsetup luksFormat ${spec.path} failed (${r.code}): ${r.stderr.trim()}`);
+  } finally {
+    wipe(passphrase);
+  }
+}
+
 interface SecretsResult {
   volumes: number;
   guests: number;
@@ -591,9 +670,9 @@ interface SecretsResult {
   domainType: string;
   harnessNotes: string[];
   setupS: number;
-  precreate: { seconds: number; concurrency: number; cpuPerImageS: number; retries: number };
+  precreate: PrecreateResult;
   ceilings: { nodeStartS: number; adapterDefineSetS: number; adapterUndefineS: number };
-  keyCheck: { sample: number; meanMs: number; p50Ms: number; maxMs: number; extrapolatedS: number };
+  keyCheck: { store: KeyCheckResult; cryptsetup: KeyCheckResult; extrapolatedS: number };
   resetMethod: string;
   runs: AgentRunResult[];
 }
@@ -720,29 +799,67 @@ async function secretsReadiness(opts: BenchOptions): Promise<SecretsResult> {
   const cpu0 = childrenCpuSeconds();
   const tPre = performance.now();
   const progress = setInterval(() => log(`  ${made} of ${n} images created`), 15_000);
+  // The first few (all of them with --precreate store) by the agent's image store; the
+  // rest, with --precreate cryptsetup, as LUKS1 with the same PBKDF2 work per unlock.
+  const byStore = opts.precreate === 'store' ? volumeIds : volumeIds.slice(0, Math.min(n, REFERENCE_IMAGES));
+  const byCryptsetup = volumeIds.slice(byStore.length);
+  let iterations: PrecreateResult['iterations'];
   try {
-    await forEachLimited(volumeIds, opts.precreateConcurrency, async (id) => {
+    await forEachLimited(byStore, opts.precreateConcurrency, async (id) => {
       await store.create(specs.get(id)!, keys.get(id)!);
       made++;
     });
+    if (byCryptsetup.length > 0) {
+      const refs = await Promise.all(byStore.map((id) => luks1Iterations(specs.get(id)!.path)));
+      const totals = refs.map((r) => r.keyslot + r.digest);
+      iterations = { referenceKeyslot: refs.map((r) => r.keyslot), referenceDigest: refs.map((r) => r.digest), forcedKeyslot: Math.max(1000, Math.round(median(totals)) - CRYPTSETUP_DIGEST_ITERATIONS) };
+      const forced = iterations.forcedKeyslot;
+      log(`reference images (qemu-img, iter-time 100 ms): keyslot ${iterations.referenceKeyslot.join(', ')} + digest ${iterations.referenceDigest.join(', ')} PBKDF2 iterations; the other ${byCryptsetup.length} get ${forced} + ${CRYPTSETUP_DIGEST_ITERATIONS}`);
+      await forEachLimited(byCryptsetup, opts.precreateConcurrency, async (id) => {
+        await cryptsetupLuks1(specs.get(id)!, keys.get(id)!, forced);
+        made++;
+      });
+    }
   } finally {
     clearInterval(progress);
   }
-  const precreate = { seconds: seconds(tPre), concurrency: opts.precreateConcurrency, cpuPerImageS: (childrenCpuSeconds() - cpu0) / n, retries };
-  log(`${n} images created in ${precreate.seconds.toFixed(1)} s, ${precreate.concurrency} at a time (${precreate.cpuPerImageS.toFixed(2)} s of qemu-img CPU each, ${retries} retries)`);
+  const precreate: PrecreateResult = {
+    method: opts.precreate,
+    seconds: seconds(tPre),
+    concurrency: opts.precreateConcurrency,
+    byStore: byStore.length,
+    byCryptsetup: byCryptsetup.length,
+    toolCpuS: childrenCpuSeconds() - cpu0,
+    retries,
+    iterations,
+  };
+  log(`${n} images created in ${precreate.seconds.toFixed(1)} s, ${precreate.concurrency} at a time (${byStore.length} by the image store, ${byCryptsetup.length} by cryptsetup; ${precreate.toolCpuS.toFixed(0)} s of tool CPU, ${retries} qemu-img retries)`);
 
-  // 3. Breakdown: the image store's key check, which the reconciler runs per volume.
-  const sample = volumeIds.slice(0, Math.min(opts.keyCheckSample, n));
-  const checkMs: number[] = [];
-  for (const id of sample) {
-    const spec = specs.get(id)!;
-    const t = performance.now();
-    if (!(await store.testKey(spec.path, spec, keys.get(id)!))) throw new Error(`the released key does not open ${spec.path}`);
-    checkMs.push(performance.now() - t);
-  }
-  const meanMs = checkMs.length > 0 ? checkMs.reduce((a, b) => a + b, 0) / checkMs.length : NaN;
-  const keyCheck = { sample: checkMs.length, meanMs, p50Ms: checkMs.length > 0 ? median(checkMs) : NaN, maxMs: Math.max(...checkMs), extrapolatedS: (meanMs * n) / 1000 };
-  log(`key check (testKey): ${keyCheck.meanMs.toFixed(0)} ms mean over ${keyCheck.sample} volumes -> ${keyCheck.extrapolatedS.toFixed(1)} s for ${n}`);
+  // 3. Breakdown: the image store's key check, which the reconciler runs per volume when
+  // the cache does not vouch for the image header. Timed on images of both makers.
+  const keyCheckOf = async (ids: readonly string[]): Promise<KeyCheckResult> => {
+    const ms: number[] = [];
+    for (const id of ids) {
+      const spec = specs.get(id)!;
+      const t = performance.now();
+      if (!(await store.testKey(spec.path, spec, keys.get(id)!))) throw new Error(`the released key does not open ${spec.path}`);
+      ms.push(performance.now() - t);
+    }
+    const mean = ms.length > 0 ? ms.reduce((a, b) => a + b, 0) / ms.length : NaN;
+    return { sample: ms.length, meanMs: mean, p50Ms: ms.length > 0 ? median(ms) : NaN, maxMs: ms.length > 0 ? Math.max(...ms) : NaN };
+  };
+  const keyCheck = {
+    store: await keyCheckOf(byStore.slice(0, opts.keyCheckSample)),
+    cryptsetup: await keyCheckOf(byCryptsetup.slice(0, opts.keyCheckSample)),
+    extrapolatedS: 0,
+  };
+  const weighted = (keyCheck.store.sample > 0 ? keyCheck.store.meanMs * byStore.length : 0) + (keyCheck.cryptsetup.sample > 0 ? keyCheck.cryptsetup.meanMs * byCryptsetup.length : 0);
+  keyCheck.extrapolatedS = weighted / 1000;
+  log(
+    `key check (testKey): ${keyCheck.store.meanMs.toFixed(0)} ms mean over ${keyCheck.store.sample} image-store images` +
+      (keyCheck.cryptsetup.sample > 0 ? `, ${keyCheck.cryptsetup.meanMs.toFixed(0)} ms over ${keyCheck.cryptsetup.sample} cryptsetup images` : '') +
+      ` -> ${keyCheck.extrapolatedS.toFixed(1)} s for ${n}`,
+  );
   keysCleanup.fn();
   cleanups.splice(cleanups.indexOf(keysCleanup), 1);
 
@@ -788,12 +905,12 @@ async function secretsReadiness(opts: BenchOptions): Promise<SecretsResult> {
 
 /** The commit the figures belong to, and the source files changed on top of it (others edit concurrently). */
 function sourceState(): { commit: string; modified: string[] } {
-  const git = (args: string[]) => spawnSync('git', args, { encoding: 'utf8', cwd: join(DIST, '..') }).stdout?.trim() ?? '';
+  const git = (args: string[]) => spawnSync('git', args, { encoding: 'utf8', cwd: join(DIST, '..') }).stdout ?? '';
   const modified = git(['status', '--porcelain', '--', 'host-agent', 'server', 'shared'])
     .split('\n')
     .filter((l) => l.trim() !== '')
     .map((l) => l.slice(3));
-  return { commit: git(['rev-parse', '--short', 'HEAD']) || 'unknown', modified };
+  return { commit: git(['rev-parse', '--short', 'HEAD']).trim() || 'unknown', modified };
 }
 
 interface Results {
@@ -820,7 +937,9 @@ function tableRows(r: Results): string[][] {
   for (const run of s.runs) {
     rows.push([`${run.name}: agent spawn -> all ${n} secrets in libvirt`, fmtS(run.allSecretsS), ceiling, `<= ${TARGET_SECONDS} s`, run.allSecretsS <= TARGET_SECONDS ? 'PASS' : 'MISS']);
   }
-  rows.push([`breakdown: image key check (qemu-io) x ${n}`, `${fmtS(s.keyCheck.extrapolatedS, 1)} (${s.keyCheck.meanMs.toFixed(0)} ms x ${n})`, '-', '-', '']);
+  const kc = s.keyCheck;
+  const perImage = [kc.store.sample > 0 ? `${kc.store.meanMs.toFixed(0)} ms image store` : '', kc.cryptsetup.sample > 0 ? `${kc.cryptsetup.meanMs.toFixed(0)} ms cryptsetup` : ''].filter((x) => x).join(', ');
+  rows.push([`breakdown: image key check (testKey, qemu-io) x ${n}, one after the other`, `${fmtS(kc.extrapolatedS, 1)} (${perImage} per image)`, '-', '-', '']);
   if (r.images) {
     const im = r.images;
     rows.push([
@@ -859,10 +978,20 @@ function setupLines(r: Results): string[] {
   const s = r.secrets;
   return [
     `setup: ${s.volumes} volumes (luks, ${r.options.sizeMiB} MiB) on ${s.guests} guests of ${s.disksPerGuest.join('+')} disks (autostart off, domain type ${s.domainType}, ${GUEST_MEMORY_MIB} MiB), one host; server, volumes, guests and enrollment in ${s.setupS.toFixed(1)} s`,
-    `images: created before the runs with the agent's image store, ${s.precreate.concurrency} at a time: ${s.precreate.seconds.toFixed(1)} s (${s.precreate.cpuPerImageS.toFixed(2)} s of qemu-img CPU per image, ${s.precreate.retries} calibration retries)`,
+    precreateLine(s.precreate),
     `secrets removed before cold and warm: ${s.resetMethod}; guests destroyed before each of them`,
     `polling: virsh secret-list every ${r.options.pollMs} ms (+ its own run time); longest gap between polls ${Math.max(...s.runs.map((x) => x.pollGapMaxMs)).toFixed(0)} ms = resolution of the secret times`,
   ];
+}
+
+function precreateLine(p: PrecreateResult): string {
+  const it = p.iterations;
+  const how =
+    p.byCryptsetup === 0
+      ? `all ${p.byStore} with the agent's image store (qemu-img, iter-time 100 ms)`
+      : `${p.byStore} with the agent's image store (qemu-img, iter-time 100 ms), the other ${p.byCryptsetup} with cryptsetup luksFormat --type luks1 and the same PBKDF2 work per unlock ` +
+        `(keyslot ${it?.forcedKeyslot ?? '?'} + digest ${CRYPTSETUP_DIGEST_ITERATIONS} iterations; qemu-img's: keyslot ${it?.referenceKeyslot.join('/') ?? '?'} + digest ${it?.referenceDigest.join('/') ?? '?'})`;
+  return `images: created before the runs, ${p.concurrency} at a time, in ${p.seconds.toFixed(1)} s (${p.toolCpuS.toFixed(0)} s of tool CPU, ${p.retries} qemu-img retries): ${how}`;
 }
 
 function report(r: Results): string {
