@@ -84,7 +84,7 @@ libvirtTest(test, env, 'a guest defined through the CLI runs on a real host; wro
     await until('guest running again from the cache', () => (domState(guestName) === 'running' ? true : undefined));
     const started = agent;
     await until('the agent log says so', () => (/started guests from the cache/.test(started.logs()) ? true : undefined), 20_000);
-    t.regex(started.logs(), /"msg":"started guests from the cache","guests":1/);
+    t.regex(started.logs(), /"msg":"started guests from the cache","running":1/);
 
     // The server comes back; deleting the guest wipes it from the host.
     server = await startServer(data, ['--listen', `127.0.0.1:${port}`]);

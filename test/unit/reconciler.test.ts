@@ -235,3 +235,29 @@ test('a key checked against an image header is not checked again while the heade
   t.is(t.context.images.keyTests, 2);
   t.is(r.volumes[0]!.phase, VolumePhase.VOLUME_PHASE_WRONG_KEY);
 });
+
+test('a running guest whose key is not here yet keeps running (pending); a failing disk stops it (failed)', async (t) => {
+  const g = guest(t, { secret: randomBytes(32) });
+  await reconcile(state(1n, [g]), t.context.deps);
+  t.is(t.context.libvirt.states.get(g.name), 'running');
+  // The cache is lost (a re-enrolled host) and the state comes without packets.
+  t.context.cache.replace([]);
+  const noKey = { ...g, volumes: g.volumes.map((v) => ({ ...v, packet: undefined })) };
+  const r = await reconcile(state(2n, [noKey]), t.context.deps);
+  t.is(r.guests[0]!.phase, GuestPhase.GUEST_PHASE_PENDING);
+  t.is(t.context.libvirt.states.get(g.name), 'running', 'QEMU still holds its key: no power cycle');
+  // The image turns out not to open with the key: fail closed.
+  t.context.images.files.set(imagePath(t.context.dir, g.volumes[0]!.volumeId, 'luks'), { kind: 'luks1', key: randomBytes(32), uuid: randomUUID() });
+  const r2 = await reconcile(state(3n, [g]), t.context.deps);
+  t.is(r2.guests[0]!.phase, GuestPhase.GUEST_PHASE_FAILED);
+  t.is(t.context.libvirt.states.get(g.name), 'shutoff');
+});
+
+test('an image deletion leaves a file of an unexpected kind alone', async (t) => {
+  const volumeId = randomUUID();
+  const path = imagePath(t.context.dir, volumeId, 'luks');
+  t.context.images.files.set(path, { kind: 'raw', key: Buffer.alloc(0) });
+  const r = await reconcile(state(1n, [], [{ volumeId, format: VolumeFormat.VOLUME_FORMAT_LUKS }]), t.context.deps);
+  t.deepEqual(r.deletedImages, []);
+  t.true(t.context.images.files.has(path));
+});

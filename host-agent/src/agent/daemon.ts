@@ -1,12 +1,13 @@
 /**
  * The agent daemon: one long-lived stream to the server, reconnecting with exponential
  * backoff and jitter; every desired state received is reconciled (one at a time, the
- * newest wins) and answered with a report; the last desired state is re-applied
- * periodically (libvirt forgets ephemeral secrets when libvirtd restarts). At start, the
+ * newest wins) and answered with a report; the newest desired state is re-applied
+ * periodically (libvirt forgets ephemeral secrets when libvirtd restarts, and a reconcile
+ * that failed is retried that way). At start, the
  * cached desired state brings autostart guests up even if the server is unreachable.
  */
 import { Metadata, type ClientDuplexStream } from '@grpc/grpc-js';
-import { AgentServiceClient, DesiredState, type ConnectRequest, type ConnectResponse, type HostReport } from '../../../shared/src/api.js';
+import { AgentServiceClient, DesiredState, GuestPhase, type ConnectRequest, type ConnectResponse, type HostReport } from '../../../shared/src/api.js';
 import { CLIENT_CHANNEL_OPTIONS, channelCredentials, type ClientTlsMaterial } from '../../../shared/src/grpc-client.js';
 import { describeError, type Logger } from '../../../shared/src/log.js';
 import { reconcile, type ReconcilerDeps } from '../reconcile/reconciler.js';
@@ -65,9 +66,11 @@ export function startAgentDaemon(o: DaemonOptions): AgentDaemon {
       const next = pending;
       pending = undefined;
       if (!next || state === 'stopped') return;
+      // The newest state received is what the periodic resync re-applies, also when this
+      // attempt fails (libvirtd down, a tool failing): a failed reconcile is retried.
+      latest = next;
       try {
         const report = await reconcile(next, o.reconciler);
-        latest = next;
         appliedRevision = next.revision;
         send(report);
         logger.info('reconciled', { revision: next.revision, guests: report.guests.length, volumes: report.volumes.length });
@@ -119,7 +122,7 @@ export function startAgentDaemon(o: DaemonOptions): AgentDaemon {
       try {
         const desired = DesiredState.decode(cached);
         const report = await reconcile(desired, o.reconciler, true);
-        logger.info('started guests from the cache', { guests: report.guests.filter((g) => g.phase === 3).length });
+        logger.info('started guests from the cache', { running: report.guests.filter((g) => g.phase === GuestPhase.GUEST_PHASE_RUNNING).length });
       } catch (err) {
         logger.error('offline start from the cache failed', describeError(err));
       }

@@ -3,7 +3,7 @@
  * (libvirt through koffi, qemu-img/cryptsetup, the sealed key cache), starts the daemon,
  * stops it on SIGTERM/SIGINT. No logic here.
  */
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { errors } from '../../../shared/src/errors.js';
 import { KEY_ID_LENGTH, generateWrappingKey, type WrappingKey } from '../../../shared/src/envelope.js';
@@ -13,7 +13,7 @@ import { ownedCopy, wipe } from '../../../shared/src/secret-bytes.js';
 import { loadSodium } from '../../../shared/src/sodium.js';
 import { openKeyCache } from '../cache/key-cache.js';
 import { agentStatePaths } from '../enroll/state-dir.js';
-import { createDmCryptMapper, createHostImageStore } from '../images/index.js';
+import { createDmCryptMapper, createHostImageStore, removeStaleTemporaries } from '../images/index.js';
 import { createLibvirtFfi } from '../libvirt/libvirt-ffi.js';
 import { startAgentDaemon } from './daemon.js';
 
@@ -61,12 +61,16 @@ export async function runAgentCommand(o: AgentRunOptions): Promise<void> {
   const libvirt = createLibvirtFfi(o.libvirtUri ? { uri: o.libvirtUri } : {});
   const images = createHostImageStore({ logger: logger.child('images') });
   const dmcrypt = createDmCryptMapper({ images });
+  // QEMU (user libvirt-qemu) must reach the images: the directory is searchable by others.
+  const imageDir = resolve(o.imageDir);
+  mkdirSync(imageDir, { recursive: true, mode: 0o711 });
+  for (const f of await removeStaleTemporaries(imageDir)) logger.info('removed a leftover of an interrupted image create', { file: f });
   logger.info('starting', { host: host.host, server, dumpable: hygiene.dumpable, image_dir: o.imageDir });
 
   const daemon = startAgentDaemon({
     server,
     tls: { caCertPem: readFileSync(paths.ca, 'utf8'), certPem: readFileSync(paths.cert, 'utf8'), keyPem: readFileSync(paths.tlsKey, 'utf8') },
-    reconciler: { hostId: host.host_id, box, libvirt, images, dmcrypt, cache, imageDir: resolve(o.imageDir), logger: logger.child('reconcile') },
+    reconciler: { hostId: host.host_id, box, libvirt, images, dmcrypt, cache, imageDir, logger: logger.child('reconcile') },
     logger,
     agentVersion: AGENT_VERSION,
   });

@@ -33,7 +33,7 @@ program
   .description('keep this host converged to what the server says: images, libvirt secrets and domains')
   .requiredOption('--state-dir <dir>', 'state directory made by enroll')
   .option('--server <addr>', "the server's main listener HOST:PORT (default: from enrollment)")
-  .option('--image-dir <dir>', 'directory of the encrypted images (shared storage for moves)', '/var/lib/virtkm/images')
+  .option('--image-dir <dir>', 'directory of the encrypted images (shared storage for moves; created if missing)', '/var/lib/libvirt/images/virtkm')
   .option('--libvirt-uri <uri>', 'libvirt connection URI', 'qemu:///system')
   .option('--log-level <level>', 'debug, info, warn or error', 'info')
   .action(async (o) => {

@@ -9,6 +9,7 @@
  * keep copies elsewhere: see docs/threat-model.md).
  */
 import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, statSync, writeSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { dirname } from 'node:path';
 import { DecryptionError, open, seal, type WrappingKey } from '../../../shared/src/envelope.js';
 import { errors } from '../../../shared/src/errors.js';
@@ -113,8 +114,16 @@ export function openKeyCache(path: string, hostKey: WrappingKey, hostId: string)
       wipe(plain);
     }
   }
+  // A digest of the last content written: a resync that changes nothing writes nothing.
+  let lastDigest = '';
   const persist = () => {
     const plain = encode(entries, desired);
+    const digest = createHash('sha256').update(plain).digest('hex');
+    if (digest === lastDigest && existsSync(path)) {
+      wipe(plain);
+      return;
+    }
+    lastDigest = digest;
     const sealed = seal(plain, hostKey, cacheAad(hostId));
     wipe(plain);
     const tmp = `${path}.tmp`;

@@ -10,7 +10,6 @@ import { join } from 'node:path';
 import {
   GuestPhase,
   KeyPacket,
-  VolumeFormat,
   VolumePhase,
   DesiredState,
   type DesiredGuest,
@@ -19,6 +18,7 @@ import {
   type VolumeStatus,
 } from '../../../shared/src/api.js';
 import { openSealed, type BoxKeyPair } from '../../../shared/src/box.js';
+import { formatFromApiValue } from '../../../shared/src/formats.js';
 import { isDomainError } from '../../../shared/src/errors.js';
 import { describeError, type Logger } from '../../../shared/src/log.js';
 import { ownedCopy, wipe } from '../../../shared/src/secret-bytes.js';
@@ -41,12 +41,6 @@ export interface ReconcilerDeps {
   logger: Logger;
 }
 
-const FORMAT_NAMES: Readonly<Partial<Record<VolumeFormat, AgentVolumeFormat>>> = {
-  [VolumeFormat.VOLUME_FORMAT_LUKS]: 'luks',
-  [VolumeFormat.VOLUME_FORMAT_QCOW2_LUKS]: 'qcow2-luks',
-  [VolumeFormat.VOLUME_FORMAT_LUKS2]: 'luks2',
-  [VolumeFormat.VOLUME_FORMAT_PLAIN]: 'plain',
-};
 
 const sha256 = (s: string) => createHash('sha256').update(s).digest();
 
@@ -116,8 +110,10 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
     for (const g of desired.guests) {
       const hostVolumes: HostVolume[] = [];
       let blocked = '';
+      // Whether what blocks the guest is a failure (fail closed) or only a missing key.
+      let fatal = false;
       for (const dv of g.volumes) {
-        const format = FORMAT_NAMES[dv.format];
+        const format = formatFromApiValue(dv.format);
         const status: VolumeStatus = { volumeId: dv.volumeId, keyVersion: dv.keyVersion, phase: VolumePhase.VOLUME_PHASE_PENDING, reason: '', created: false };
         volumes.push(status);
         const tag = `${dv.volumeId}:${dv.keyVersion}`;
@@ -126,6 +122,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           status.phase = VolumePhase.VOLUME_PHASE_FAILED;
           status.reason = 'unknown volume format';
           blocked ||= status.reason;
+          fatal = true;
           continue;
         }
         if (!secret) {
@@ -152,6 +149,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
               status.phase = VolumePhase.VOLUME_PHASE_MISSING;
               status.reason = 'image not found';
               blocked ||= `volume ${dv.name}: image not found`;
+              fatal = true;
               continue;
             }
             await images.create(spec, secret);
@@ -164,6 +162,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
             status.phase = VolumePhase.VOLUME_PHASE_FAILED;
             status.reason = `image is ${info.kind}, expected ${expectedKind(format)}`;
             blocked ||= `volume ${dv.name}: ${status.reason}`;
+            fatal = true;
             continue;
           } else if (format !== 'plain') {
             const known = info.uuid !== undefined && cache.verifiedHeader(dv.volumeId, dv.keyVersion) === info.uuid;
@@ -171,6 +170,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
               status.phase = VolumePhase.VOLUME_PHASE_WRONG_KEY;
               status.reason = 'the key does not open the image';
               blocked ||= `volume ${dv.name}: wrong key`;
+              fatal = true;
               continue;
             }
             if (info.uuid) kept.verifiedHeader = info.uuid;
@@ -192,6 +192,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
             status.phase = VolumePhase.VOLUME_PHASE_FAILED;
             status.reason = `dm-crypt unavailable: ${dmReason}`;
             blocked ||= `volume ${dv.name}: ${status.reason}`;
+            fatal = true;
             continue;
           } else {
             path = await dmcrypt.open(spec, mappingName(dv.volumeId), secret);
@@ -204,9 +205,10 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           status.phase = VolumePhase.VOLUME_PHASE_FAILED;
           status.reason = reasonOf(err);
           blocked ||= `volume ${dv.name}: ${status.reason}`;
+          fatal = true;
         }
       }
-      guests.push(await reconcileGuest(g, hostVolumes, blocked, domainList, deps, offline));
+      guests.push(await reconcileGuest(g, hostVolumes, blocked, fatal, domainList, deps, offline));
     }
 
     // Remove what virtkm created and is no longer desired: domains, then secrets, mappings.
@@ -231,10 +233,17 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
     // desired guest still uses.
     const inUse = new Set(desired.guests.flatMap((g) => g.volumes.map((v) => v.volumeId)));
     for (const d of offline ? [] : desired.deleteImages) {
-      const format = FORMAT_NAMES[d.format];
+      const format = formatFromApiValue(d.format);
       if (!format || inUse.has(d.volumeId)) continue;
       try {
-        await images.remove(imagePath(deps.imageDir, d.volumeId, format));
+        const path = imagePath(deps.imageDir, d.volumeId, format);
+        const info = await images.inspect(path);
+        // Only what virtkm would have made there: a file of another kind is left alone.
+        if (info.kind !== 'missing' && info.kind !== expectedKind(format)) {
+          logger.warn('not deleting an image of an unexpected kind', { volume_id: d.volumeId, kind: info.kind });
+          continue;
+        }
+        await images.remove(path);
         deletedImages.push(d.volumeId);
         logger.info('image deleted', { volume_id: d.volumeId });
       } catch (err) {
@@ -254,15 +263,16 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
   return { revision: desired.revision, guests, volumes, deletedImages };
 }
 
-async function reconcileGuest(g: DesiredGuest, vols: HostVolume[], blocked: string, domains: Awaited<ReturnType<Libvirt['domains']['list']>>, deps: ReconcilerDeps, offline: boolean): Promise<GuestStatus> {
+async function reconcileGuest(g: DesiredGuest, vols: HostVolume[], blocked: string, fatal: boolean, domains: Awaited<ReturnType<Libvirt['domains']['list']>>, deps: ReconcilerDeps, offline: boolean): Promise<GuestStatus> {
   const { libvirt, logger } = deps;
   const status: GuestStatus = { guestId: g.guestId, generation: g.generation, phase: GuestPhase.GUEST_PHASE_PENDING, reason: '' };
   const existing = domains.find((d) => d.marker?.guestId === g.guestId);
   if (blocked) {
     status.reason = blocked;
-    status.phase = GuestPhase.GUEST_PHASE_FAILED;
-    // Fail closed: a guest whose disks are not ready must not keep running on stale keys.
-    if (existing && existing.state === 'running') await libvirt.domains.destroy(existing.name).catch(() => undefined);
+    // Waiting for a key is pending: a running guest keeps running (QEMU holds its key). A
+    // disk that fails (wrong key, wrong kind, missing) fails closed: the guest is stopped.
+    status.phase = fatal ? GuestPhase.GUEST_PHASE_FAILED : GuestPhase.GUEST_PHASE_PENDING;
+    if (fatal && existing && existing.state === 'running') await libvirt.domains.destroy(existing.name).catch(() => undefined);
     return status;
   }
   try {

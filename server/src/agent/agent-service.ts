@@ -122,7 +122,7 @@ export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId:
     for (const g of store.guestsForHost(hostId)) {
       if (g.handoffFromHostId === null || g.hostId === null) continue;
       const source = store.getHost(g.handoffFromHostId);
-      if (!isHandoffComplete(g, store.guestStatuses(g.id), source?.state === 'revoked')) continue;
+      if (!isHandoffComplete(g, store.guestStatuses(g.id))) continue;
       const from = g.handoffFromHostId;
       const to = g.hostId;
       await store.write((tx) => {

@@ -65,15 +65,16 @@ const STOPPED_PHASES = new Set(['defined', 'stopped', 'wiped', 'failed']);
 
 /**
  * A move completes when the destination reports the guest defined (at its current
- * generation) and the source reports it not running, has never reported it, or has been
- * revoked. A source that reported the guest running and then went silent holds the move:
- * the guest might still run there (shared storage must not get two writers).
+ * generation) and the source reports it not running or has never reported it. A source
+ * that reported the guest running and then went silent (down, or revoked: a revoked host
+ * no longer hears anything) holds the move, since the guest might still run there and
+ * shared storage must not get two writers; `guest move --force` is the admin's way out.
  */
-export function isHandoffComplete(g: GuestRecord, statuses: GuestStatusRecord[], sourceRevoked: boolean): boolean {
+export function isHandoffComplete(g: GuestRecord, statuses: GuestStatusRecord[]): boolean {
   if (g.handoffFromHostId === null || g.hostId === null) return false;
   const dest = statuses.find((s) => s.hostId === g.hostId);
   const src = statuses.find((s) => s.hostId === g.handoffFromHostId);
   const destReady = dest !== undefined && dest.generation >= g.generation && (dest.phase === 'defined' || dest.phase === 'stopped');
-  const srcStopped = sourceRevoked || src === undefined || STOPPED_PHASES.has(src.phase);
+  const srcStopped = src === undefined || STOPPED_PHASES.has(src.phase);
   return destReady && srcStopped;
 }

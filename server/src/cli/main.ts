@@ -278,7 +278,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
       } while (tok);
       const view = { ...h, placed_guests: guests.map((g) => ({ name: g.name, phase: g.phase, reason: g.phase_reason, reported_at: g.reported_at })) };
       out(!!o.json, view, () =>
-        Object.entries(h).map(([k, v]) => `${(k + ':').padEnd(16)}${String(v) || '-'}`).join('\n') +
+        Object.entries(h).map(([k, v]) => `${(k + ':').padEnd(18)} ${String(v) || '-'}`).join('\n') +
         '\n' +
         (guests.length ? '\n' + table(['GUEST', 'STATE', 'REASON'], guests.map((g) => [g.name, g.phase || '-', g.phase_reason])) : ''),
       );

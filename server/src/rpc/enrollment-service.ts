@@ -59,8 +59,14 @@ export function createEnrollmentService(deps: EnrollmentServiceDeps): Enrollment
         lastSeenAt: at,
         desiredRevision: existing?.desiredRevision ?? 0,
       };
-      if (existing) tx.updateHost(h);
-      else tx.insertHost(h);
+      if (existing) {
+        tx.updateHost(h);
+        // A re-enrolled host starts with no cached keys: forget its old reports so the first
+        // desired state carries every key it needs.
+        tx.replaceHostReport(h.id, [], []);
+      } else {
+        tx.insertHost(h);
+      }
       tx.insertCertificate({ serial: cert.serial, role: 'host', name: h.name, issuedAt: at, expiresAt: cert.notAfter.toISOString(), revokedAt: null });
       tx.appendAudit({ actor: `host:${h.name}`, action: 'host.enroll', target: h.id, outcome: 'ok', detail: { token_id: token.id, serial: cert.serial, reenrolled: existing !== undefined } });
       return h;

@@ -71,8 +71,6 @@ export function createHostService(deps: HostServiceDeps): HostServiceServer {
         tx.appendAudit({ actor: actorOf(p), action: 'host.revoke', target: h.id, outcome: 'ok', detail: { name: h.name, serial: h.certSerial } });
       });
       deps.hub.hostRevoked(h.id);
-      // Moves away from the revoked host may now complete.
-      deps.hub.hostsChanged(store.guestsForHost(h.id).filter((g) => g.handoffFromHostId === h.id).map((g) => g.hostId));
       return { host: show(revoked) };
     }),
   };
