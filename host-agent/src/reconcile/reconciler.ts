@@ -107,6 +107,24 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
   const domainList = await libvirt.domains.list();
 
   try {
+    // Secrets first, for every volume whose key is here: libvirt holds what guests need
+    // moments after a (re)start; the slower image checks below then decide whether a guest
+    // is defined and started, and secrets of volumes that fail them are removed at the end.
+    const secretsSet = new Set<string>();
+    for (const g of desired.guests) {
+      for (const dv of g.volumes) {
+        const format = formatFromApiValue(dv.format);
+        const secret = packets.get(`${dv.volumeId}:${dv.keyVersion}`) ?? cache.get(dv.volumeId, dv.keyVersion);
+        const uuid = secretUuidFor(dv.volumeId, dv.keyVersion, sha256);
+        if ((format !== 'luks' && format !== 'qcow2-luks') || !secret || secretsSet.has(uuid)) continue;
+        try {
+          await defineSecret(libvirt, uuid, dv.volumeId, dv.name, dv.keyVersion, secret);
+          secretsSet.add(uuid);
+        } catch (err) {
+          logger.warn('defining a secret failed', { volume_id: dv.volumeId, ...describeError(err) });
+        }
+      }
+    }
     for (const g of desired.guests) {
       const hostVolumes: HostVolume[] = [];
       let blocked = '';
@@ -178,15 +196,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           let path = spec.path;
           const secretUuid = secretUuidFor(dv.volumeId, dv.keyVersion, sha256);
           if (format === 'luks' || format === 'qcow2-luks') {
-            await libvirt.secrets.define({ uuid: secretUuid, volumeId: dv.volumeId, description: `virtkm volume ${dv.name} key v${dv.keyVersion}` });
-            // libvirt hands the value to QEMU, which wants the same hex passphrase the image
-            // was made with (see images/passphrase.ts).
-            const passphrase = luksPassphrase(secret);
-            try {
-              await libvirt.secrets.setValue(secretUuid, passphrase);
-            } finally {
-              wipe(passphrase);
-            }
+            if (!secretsSet.has(secretUuid)) await defineSecret(libvirt, secretUuid, dv.volumeId, dv.name, dv.keyVersion, secret);
             neededSecrets.add(secretUuid);
           } else if (dmReason) {
             status.phase = VolumePhase.VOLUME_PHASE_FAILED;
@@ -261,6 +271,19 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
     if (offline) for (const k of keep) wipe(k.secret);
   }
   return { revision: desired.revision, guests, volumes, deletedImages };
+}
+
+/** Defines a volume's private, ephemeral libvirt secret and sets its value. */
+async function defineSecret(libvirt: Libvirt, uuid: string, volumeId: string, name: string, keyVersion: number, secret: Uint8Array): Promise<void> {
+  await libvirt.secrets.define({ uuid, volumeId, description: `virtkm volume ${name} key v${keyVersion}` });
+  // libvirt hands the value to QEMU, which wants the same hex passphrase the image was made
+  // with (see images/passphrase.ts).
+  const passphrase = luksPassphrase(secret);
+  try {
+    await libvirt.secrets.setValue(uuid, passphrase);
+  } finally {
+    wipe(passphrase);
+  }
 }
 
 async function reconcileGuest(g: DesiredGuest, vols: HostVolume[], blocked: string, fatal: boolean, domains: Awaited<ReturnType<Libvirt['domains']['list']>>, deps: ReconcilerDeps, offline: boolean): Promise<GuestStatus> {
