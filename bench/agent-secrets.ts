@@ -57,7 +57,7 @@
  */
 import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
@@ -343,6 +343,8 @@ interface AgentRunResult {
   guestStates: Record<string, string>;
   /** (seconds, secrets seen) at each change of the count. */
   timeline: [number, number][];
+  /** Pauses of more than STALL_S between two new secrets (e.g. the agent starting a guest). */
+  stalls: { count: number; totalS: number };
 }
 
 interface RunContext {
@@ -448,6 +450,7 @@ async function measureAgentRun(ctx: RunContext, name: string, label: string, don
     stopS,
     guestStates,
     timeline,
+    stalls: stallsOf(timeline),
   };
   log(
     `${label}: all ${want.size} secrets after ${result.allSecretsS.toFixed(2)} s (first ${firstSecretS?.toFixed(2)} s, ready line ${readyS?.toFixed(2) ?? '-'} s, ` +
@@ -455,6 +458,23 @@ async function measureAgentRun(ctx: RunContext, name: string, label: string, don
   );
   for (const p of result.problems) log(`  agent: ${p}`);
   return result;
+}
+
+const STALL_S = 1;
+
+/** Pauses longer than STALL_S between successive increases of the secret count. */
+function stallsOf(timeline: [number, number][]): { count: number; totalS: number } {
+  let count = 0;
+  let totalS = 0;
+  const rising = timeline.filter(([, c]) => c > 0);
+  for (let i = 1; i < rising.length; i++) {
+    const gap = rising[i]![0] - rising[i - 1]![0];
+    if (gap > STALL_S) {
+      count++;
+      totalS += gap;
+    }
+  }
+  return { count, totalS };
 }
 
 // --- Secrets gone, guests stopped ------------------------------------------------------------------
@@ -904,18 +924,31 @@ async function secretsReadiness(opts: BenchOptions): Promise<SecretsResult> {
 // --- Report ---------------------------------------------------------------------------------------
 
 /** The commit the figures belong to, and the source files changed on top of it (others edit concurrently). */
-function sourceState(): { commit: string; modified: string[] } {
+interface SourceState {
+  commit: string;
+  modified: string[];
+  agentBuiltAt: string;
+  warning?: string;
+}
+
+function sourceState(): SourceState {
   const git = (args: string[]) => spawnSync('git', args, { encoding: 'utf8', cwd: join(DIST, '..') }).stdout ?? '';
   const modified = git(['status', '--porcelain', '--', 'host-agent', 'server', 'shared'])
     .split('\n')
     .filter((l) => l.trim() !== '')
     .map((l) => l.slice(3));
-  return { commit: git(['rev-parse', '--short', 'HEAD']).trim() || 'unknown', modified };
+  let agentBuiltAt = 'unknown';
+  try {
+    agentBuiltAt = statSync(AGENT_BIN).mtime.toISOString();
+  } catch {
+    // not built
+  }
+  return { commit: git(['rev-parse', '--short', 'HEAD']).trim() || 'unknown', modified, agentBuiltAt };
 }
 
 interface Results {
   machine: MachineInfo;
-  source: { commit: string; modified: string[] };
+  source: SourceState;
   loadAverage: number[];
   date: string;
   command: string;
@@ -954,11 +987,11 @@ function tableRows(r: Results): string[][] {
 }
 
 function runRows(r: Results): string[][] {
-  const rows: string[][] = [['run', 'ready line', 'first secret', 'half', 'all secrets', 'reconcile done', 'reconciles', 'agent CPU', 'stop', 'guests after']];
+  const rows: string[][] = [['run', 'ready line', 'first secret', 'half', 'all secrets', `pauses > ${STALL_S} s`, 'reconcile done', 'reconciles', 'agent CPU', 'stop', 'guests after']];
   for (const run of r.secrets.runs) {
     const states = Object.values(run.guestStates);
     const summary = [...new Set(states)].map((st) => `${states.filter((x) => x === st).length} ${st}`).join(', ');
-    rows.push([run.name, fmtS(run.readyS), fmtS(run.firstSecretS), fmtS(run.halfSecretsS), fmtS(run.allSecretsS), fmtS(run.reconcileDoneS), String(run.reconciles.length), fmtS(run.agentCpuS, 1), fmtS(run.stopS, 1), summary]);
+    rows.push([run.name, fmtS(run.readyS), fmtS(run.firstSecretS), fmtS(run.halfSecretsS), fmtS(run.allSecretsS), `${run.stalls.count}, ${fmtS(run.stalls.totalS, 1)}`, fmtS(run.reconcileDoneS), String(run.reconciles.length), fmtS(run.agentCpuS, 1), fmtS(run.stopS, 1), summary]);
   }
   return rows;
 }
@@ -1000,7 +1033,7 @@ function report(r: Results): string {
     `virtkm agent secrets benchmark, ${r.date} (${r.totalSeconds.toFixed(0)} s in all)`,
     `machine: ${m.nproc} CPUs (${m.cpuModel}), node ${m.node}, ${m.platform} ${m.kernel}, load average at start ${r.loadAverage.map((x) => x.toFixed(2)).join(' ')}`,
     `command: ${r.command}`,
-    `source: commit ${r.source.commit}${r.source.modified.length > 0 ? ` with uncommitted changes in ${r.source.modified.join(', ')}` : ''}`,
+    `source: commit ${r.source.commit}${r.source.modified.length > 0 ? ` with uncommitted changes in ${r.source.modified.join(', ')}` : ''}; dist/ compiled ${r.source.agentBuiltAt}${r.source.warning ? `; WARNING: ${r.source.warning}` : ''}`,
     ...setupLines(r),
     '',
     table(tableRows(r)),
@@ -1027,7 +1060,7 @@ function markdown(r: Results): string {
     `- Date: ${r.date}`,
     `- Machine: ${m.nproc} CPUs, ${m.cpuModel}, ${m.platform} ${m.kernel}; node ${m.node}; load average at start ${r.loadAverage.map((x) => x.toFixed(2)).join(' ')}`,
     `- Command: \`${r.command}\` (${r.totalSeconds.toFixed(0)} s in all)`,
-    `- Source: commit ${r.source.commit}${r.source.modified.length > 0 ? ` with uncommitted changes in ${r.source.modified.join(', ')}` : ''}`,
+    `- Source: commit ${r.source.commit}${r.source.modified.length > 0 ? ` with uncommitted changes in ${r.source.modified.join(', ')}` : ''}; dist/ compiled ${r.source.agentBuiltAt}${r.source.warning ? `; WARNING: ${r.source.warning}` : ''}`,
     ...setupLines(r).map((l) => `- ${l[0]!.toUpperCase()}${l.slice(1)}`),
     '',
     markdownTable(tableRows(r)),
@@ -1059,6 +1092,11 @@ async function main(): Promise<number> {
     const loadAverage = loadavg();
     const source = sourceState();
     const secrets = await secretsReadiness(opts);
+    const builtAfter = sourceState().agentBuiltAt;
+    if (builtAfter !== source.agentBuiltAt) {
+      source.warning = `dist/ was recompiled during the agent runs (${source.agentBuiltAt} -> ${builtAfter}): runs may have used different code`;
+      log(`WARNING: ${source.warning}`);
+    }
     await runCleanups();
     const images = opts.skipImages || opts.createVolumes === 0 ? undefined : await imageCreation(opts);
     const results: Results = {

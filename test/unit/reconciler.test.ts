@@ -119,7 +119,7 @@ test('creates the image, defines the secret and domain, starts it; the same stat
   const xml = t.context.libvirt.domainXml.get(g.name)!;
   t.regex(xml, /<encryption format="luks">/);
   t.regex(xml, new RegExp(`<source file="${imagePath(t.context.dir, g.volumes[0]!.volumeId, 'luks')}"/>`));
-  t.regex(xml, /<virtkm:guest xmlns:virtkm="urn:virtkm:1" id="[^"]+" generation="1"\/>/);
+  t.regex(xml, new RegExp(`<virtkm:guest xmlns:virtkm="urn:virtkm:1" id="${g.guestId}" generation="1" host="${t.context.hostId}"/>`));
   t.false(xml.includes("pool='virtkm'") || xml.includes('pool="virtkm"'), 'no managed-pool reference reaches libvirt');
   const secretValue = [...t.context.libvirt.secretValues.values()][0]!;
   t.true(secretValue.equals(luksPassphrase(secret)), 'libvirt gets the hex passphrase the image was made with');
@@ -260,4 +260,19 @@ test('an image deletion leaves a file of an unexpected kind alone', async (t) =>
   const r = await reconcile(state(1n, [], [{ volumeId, format: VolumeFormat.VOLUME_FORMAT_LUKS }]), t.context.deps);
   t.deepEqual(r.deletedImages, []);
   t.true(t.context.images.files.has(path));
+});
+
+test("another agent's domains and secrets on the same libvirtd are left alone", async (t) => {
+  const mine = guest(t, { secret: randomBytes(32) });
+  await reconcile(state(1n, [mine]), t.context.deps);
+  // A second agent (another host id) shares this libvirtd.
+  const other = { ...t.context.deps, hostId: randomUUID() };
+  const theirs = guest({ context: { ...t.context, hostId: other.hostId } }, { secret: randomBytes(32) });
+  await reconcile(state(1n, [theirs]), other);
+  t.is(t.context.libvirt.states.get(theirs.name), 'running');
+  // This host's next pass (its desired state unchanged) must not wipe the other's guest.
+  const r = await reconcile(state(2n, [mine]), t.context.deps);
+  t.deepEqual(r.guests.map((g) => g.phase), [GuestPhase.GUEST_PHASE_RUNNING]);
+  t.is(t.context.libvirt.states.get(theirs.name), 'running');
+  t.is(t.context.libvirt.secretValues.size, 2);
 });

@@ -32,6 +32,8 @@ export interface VirtkmMarker {
   guestId: string;
   /** The generation of the guest's desired state this definition was made from. */
   generation: number;
+  /** The host (id) whose agent defined the domain; agents touch only their own. */
+  hostId?: string;
 }
 
 /** A libvirt secret virtkm is about to define (always private and ephemeral). */

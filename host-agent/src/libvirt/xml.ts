@@ -75,12 +75,14 @@ export function secretXml(def: SecretDefinition): string {
 /** The marker element for a domain's <metadata>. Throws invalid_argument when malformed. */
 export function formatVirtkmMarker(marker: VirtkmMarker): string {
   checkMarker(marker);
-  return `<virtkm:guest xmlns:virtkm="${VIRTKM_NAMESPACE}" id="${escapeXml(marker.guestId)}" generation="${marker.generation}"/>`;
+  const host = marker.hostId !== undefined ? ` host="${escapeXml(marker.hostId)}"` : '';
+  return `<virtkm:guest xmlns:virtkm="${VIRTKM_NAMESPACE}" id="${escapeXml(marker.guestId)}" generation="${marker.generation}"${host}/>`;
 }
 
 function checkMarker(marker: VirtkmMarker): void {
   if (!isValidId(marker.guestId)) throw errors.invalid('virtkm marker: guest id must be 1-128 characters of A-Z a-z 0-9 . _ : -');
   if (!Number.isSafeInteger(marker.generation) || marker.generation < 0) throw errors.invalid('virtkm marker: generation must be a non-negative integer');
+  if (marker.hostId !== undefined && !isValidId(marker.hostId)) throw errors.invalid('virtkm marker: host id must be 1-128 characters of A-Z a-z 0-9 . _ : -');
 }
 
 // ----- parsing ---------------------------------------------------------------------------
@@ -221,7 +223,8 @@ export function parseVirtkmMarker(domainXml: string): VirtkmMarker | undefined {
   const guestId = attrValue(el, 'id') ?? '';
   const generationText = attrValue(el, 'generation') ?? '';
   if (!/^[0-9]{1,15}$/.test(generationText)) throw errors.invalid('virtkm marker: generation must be a non-negative integer');
-  const marker: VirtkmMarker = { guestId, generation: Number(generationText) };
+  const hostId = attrValue(el, 'host');
+  const marker: VirtkmMarker = { guestId, generation: Number(generationText), ...(hostId !== undefined ? { hostId } : {}) };
   checkMarker(marker);
   return marker;
 }

@@ -104,7 +104,9 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
   const neededSecrets = new Set<string>();
   const neededMappings = new Set<string>();
   const dmReason = await dmcrypt.unavailableReason();
-  const domainList = await libvirt.domains.list();
+  // Only what this host's agent made: another agent may share the libvirtd (tests, or a
+  // host enrolled twice) and its domains and secrets are not ours to touch.
+  const domainList = (await libvirt.domains.list()).filter((d) => d.marker === undefined || d.marker.hostId === deps.hostId);
 
   try {
     // Secrets first, for every volume whose key is here: libvirt holds what guests need
@@ -118,7 +120,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
         const uuid = secretUuidFor(dv.volumeId, dv.keyVersion, sha256);
         if ((format !== 'luks' && format !== 'qcow2-luks') || !secret || secretsSet.has(uuid)) continue;
         try {
-          await defineSecret(libvirt, uuid, dv.volumeId, dv.name, dv.keyVersion, secret);
+          await defineSecret(libvirt, deps.hostId, uuid, dv.volumeId, dv.name, dv.keyVersion, secret);
           secretsSet.add(uuid);
         } catch (err) {
           logger.warn('defining a secret failed', { volume_id: dv.volumeId, ...describeError(err) });
@@ -196,7 +198,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           let path = spec.path;
           const secretUuid = secretUuidFor(dv.volumeId, dv.keyVersion, sha256);
           if (format === 'luks' || format === 'qcow2-luks') {
-            if (!secretsSet.has(secretUuid)) await defineSecret(libvirt, secretUuid, dv.volumeId, dv.name, dv.keyVersion, secret);
+            if (!secretsSet.has(secretUuid)) await defineSecret(libvirt, deps.hostId, secretUuid, dv.volumeId, dv.name, dv.keyVersion, secret);
             neededSecrets.add(secretUuid);
           } else if (dmReason) {
             status.phase = VolumePhase.VOLUME_PHASE_FAILED;
@@ -235,7 +237,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
       }
     }
     for (const s of await libvirt.secrets.list()) {
-      if (s.volumeId !== undefined && !neededSecrets.has(s.uuid)) {
+      if (s.volumeId !== undefined && s.description.endsWith(secretOwnerTag(deps.hostId)) && !neededSecrets.has(s.uuid)) {
         await libvirt.secrets.undefine(s.uuid).catch((err: unknown) => logger.warn('undefining a secret failed', { uuid: s.uuid, ...describeError(err) }));
       }
     }
@@ -273,9 +275,14 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
   return { revision: desired.revision, guests, volumes, deletedImages };
 }
 
+/** The end of the description of every secret this host's agent defines. */
+export function secretOwnerTag(hostId: string): string {
+  return ` host ${hostId}`;
+}
+
 /** Defines a volume's private, ephemeral libvirt secret and sets its value. */
-async function defineSecret(libvirt: Libvirt, uuid: string, volumeId: string, name: string, keyVersion: number, secret: Uint8Array): Promise<void> {
-  await libvirt.secrets.define({ uuid, volumeId, description: `virtkm volume ${name} key v${keyVersion}` });
+async function defineSecret(libvirt: Libvirt, hostId: string, uuid: string, volumeId: string, name: string, keyVersion: number, secret: Uint8Array): Promise<void> {
+  await libvirt.secrets.define({ uuid, volumeId, description: `virtkm volume ${name} key v${keyVersion}${secretOwnerTag(hostId)}` });
   // libvirt hands the value to QEMU, which wants the same hex passphrase the image was made
   // with (see images/passphrase.ts).
   const passphrase = luksPassphrase(secret);
@@ -307,7 +314,7 @@ async function reconcileGuest(g: DesiredGuest, vols: HostVolume[], blocked: stri
         state = undefined;
       }
       const keepUuid = existing && existing.name === g.name ? { uuid: existing.uuid } : {};
-      const xml = await renderDomainXml({ xml: g.domainXml, guestId: g.guestId, name: g.name, generation: g.generation, volumes: vols, ...keepUuid });
+      const xml = await renderDomainXml({ xml: g.domainXml, guestId: g.guestId, hostId: deps.hostId, name: g.name, generation: g.generation, volumes: vols, ...keepUuid });
       await libvirt.domains.define(xml);
       state ??= 'shutoff';
       logger.info('domain defined', { guest_id: g.guestId, name: g.name, generation: g.generation });

@@ -32,7 +32,7 @@ function list(node: Node, key: string): Node[] {
 }
 
 /** Renders the host-side domain XML for a guest. */
-export async function renderDomainXml(opts: { xml: string; guestId: string; name: string; generation: bigint; volumes: HostVolume[]; uuid?: string }): Promise<string> {
+export async function renderDomainXml(opts: { xml: string; guestId: string; hostId: string; name: string; generation: bigint; volumes: HostVolume[]; uuid?: string }): Promise<string> {
   const doc = (await parser().parseStringPromise(opts.xml)) as { domain?: Node } | null;
   const domain = doc?.domain;
   if (!domain || typeof domain !== 'object') throw errors.invalid('stored domain XML has no <domain>');
@@ -67,7 +67,7 @@ export async function renderDomainXml(opts: { xml: string; guestId: string; name
   // Replace any metadata virtkm put there before; keep everything else.
   const metadata = (list(domain, 'metadata')[0] ?? {}) as Node;
   for (const k of Object.keys(metadata)) if (k.startsWith('virtkm:')) delete metadata[k];
-  metadata['virtkm:guest'] = [{ $: { 'xmlns:virtkm': MARKER_NS, id: opts.guestId, generation: opts.generation.toString() } }];
+  metadata['virtkm:guest'] = [{ $: { 'xmlns:virtkm': MARKER_NS, id: opts.guestId, generation: opts.generation.toString(), host: opts.hostId } }];
   domain['metadata'] = [metadata];
   return new Builder({ headless: true, renderOpts: { pretty: true, indent: '  ', newline: '\n' } }).buildObject({ domain });
 }
