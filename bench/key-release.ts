@@ -47,7 +47,7 @@ import { createCa, formatCredentialBundle, generateTlsKeyPair, issueCertificate,
 import { loadSodium } from '../shared/src/sodium.js';
 import { wipe } from '../shared/src/secret-bytes.js';
 import type { ApiClients } from '../server/src/cli/clients.js';
-import { clientsFor, initDataDir, SERVER_BIN, startServer, tempDir, type ServerProcess } from '../test/helpers/server-harness.js';
+import { clientsFor, initDataDir, startServer, tempDir } from '../test/helpers/server-harness.js';
 import { formatProfileSummary, summarizeCpuProfile, type ProfileSummary, type TimeWindow } from './cpuprofile.js';
 import { EchoClient, type EchoReady, type EchoServerConfig } from './echo-service.js';
 import { machineInfo, mergeLoadResults, runClosedLoop, type LoadResult, type MachineInfo } from './load.js';
@@ -176,45 +176,6 @@ async function stopChild(proc: ChildProcess, graceMs = 15_000): Promise<void> {
   }
 }
 
-/**
- * Starts `virtkm-server run` as the harness does, but with extra node flags (for
- * --cpu-prof). The ready line and addresses are the harness's.
- */
-async function startServerWithNodeFlags(dataDir: string, nodeFlags: string[]): Promise<ServerProcess> {
-  const proc = spawn(process.execPath, [...nodeFlags, SERVER_BIN, 'run', '--data-dir', dataDir, '--listen', '127.0.0.1:0', '--enroll-listen', '127.0.0.1:0'], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stderr = '';
-  let stdout = '';
-  proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  const ready = await new Promise<{ listen: string; enroll: string | null }>((resolvePromise, reject) => {
-    const timer = setTimeout(() => reject(new Error(`server not ready after 60 s: ${stderr}`)), 60_000);
-    proc.stdout!.on('data', (d: Buffer) => {
-      stdout += d.toString();
-      const line = stdout.split('\n').find((l) => l.includes('"event":"ready"'));
-      if (line) {
-        clearTimeout(timer);
-        resolvePromise(JSON.parse(line) as { listen: string; enroll: string | null });
-      }
-    });
-    proc.once('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`server exited with ${code}: ${stderr}`));
-    });
-  });
-  const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
-  return {
-    address: ready.listen,
-    enrollAddress: ready.enroll ?? '',
-    dataDir,
-    proc,
-    logs: () => stderr,
-    stop: async () => {
-      if (proc.exitCode === null) proc.kill('SIGTERM');
-      return exited;
-    },
-  };
-}
 
 /** TLS material of the echo ceiling: its own CA, a server and a client certificate. */
 async function echoTlsMaterial(): Promise<{ server: EchoServerConfig; client: { caCertPem: string; certPem: string; keyPem: string } }> {
@@ -426,9 +387,7 @@ async function run(opts: BenchOptions): Promise<Results> {
   log(`storage: ${fsyncPerSecond.toFixed(0)} fdatasync/s (4 KiB sequential, one writer)`);
 
   if (opts.profileServer) mkdirSync(opts.profileServer, { recursive: true });
-  const server = opts.profileServer
-    ? await startServerWithNodeFlags(dataDir, ['--cpu-prof', `--cpu-prof-dir=${opts.profileServer}`])
-    : await startServer(dataDir);
+  const server = await startServer(dataDir, [], opts.profileServer ? ['--cpu-prof', `--cpu-prof-dir=${opts.profileServer}`] : []);
   const serverPid = server.proc.pid;
   serverLogs = server.logs;
   let stopping = false;

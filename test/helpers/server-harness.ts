@@ -59,9 +59,12 @@ export interface ServerProcess {
   stop(): Promise<number | null>;
 }
 
-/** Starts `virtkm-server run` on 127.0.0.1:0 (and an enrollment listener) and waits until ready. */
-export async function startServer(dataDir: string, extraArgs: string[] = []): Promise<ServerProcess> {
-  const proc = spawn(process.execPath, [SERVER_BIN, 'run', '--data-dir', dataDir, '--listen', '127.0.0.1:0', '--enroll-listen', '127.0.0.1:0', ...extraArgs], {
+/**
+ * Starts `virtkm-server run` on 127.0.0.1:0 (and an enrollment listener) and waits until
+ * ready. `nodeFlags` go to node itself (e.g. --cpu-prof for benchmarks).
+ */
+export async function startServer(dataDir: string, extraArgs: string[] = [], nodeFlags: string[] = []): Promise<ServerProcess> {
+  const proc = spawn(process.execPath, [...nodeFlags, SERVER_BIN, 'run', '--data-dir', dataDir, '--listen', '127.0.0.1:0', '--enroll-listen', '127.0.0.1:0', ...extraArgs], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';
