@@ -276,3 +276,34 @@ test("another agent's domains and secrets on the same libvirtd are left alone", 
   t.is(t.context.libvirt.states.get(theirs.name), 'running');
   t.is(t.context.libvirt.secretValues.size, 2);
 });
+
+test('dm-crypt: a mapping is open while its guest should run and closed once it stops', async (t) => {
+  const open = new Set<string>();
+  const calls: string[] = [];
+  const dmcrypt: DmCryptPort = {
+    unavailableReason: async () => undefined,
+    open: async (_spec, name) => {
+      calls.push(`open ${name}`);
+      open.add(name);
+      return `/dev/mapper/${name}`;
+    },
+    close: async (name) => {
+      calls.push(`close ${name}`);
+      open.delete(name);
+    },
+    list: async () => [...open],
+  };
+  const deps = { ...t.context.deps, dmcrypt };
+  const g = guest(t, { secret: randomBytes(32), format: VolumeFormat.VOLUME_FORMAT_LUKS2 });
+  const r = await reconcile(state(1n, [g]), deps);
+  t.is(r.guests[0]!.phase, GuestPhase.GUEST_PHASE_RUNNING, r.guests[0]!.reason);
+  t.regex(t.context.libvirt.domainXml.get(g.name)!, /<source dev="\/dev\/mapper\/virtkm-[0-9a-f-]+"\/>/);
+  t.is(open.size, 1);
+  const stop = { ...g, run: false, generation: 2n };
+  const r2 = await reconcile(state(2n, [stop]), deps);
+  t.is(r2.guests[0]!.phase, GuestPhase.GUEST_PHASE_STOPPED);
+  t.is(open.size, 0, 'closed once the guest stopped');
+  t.deepEqual(calls.map((c) => c.split(' ')[0]), ['open', 'close']);
+  await reconcile(state(3n, []), deps);
+  t.is(open.size, 0);
+});

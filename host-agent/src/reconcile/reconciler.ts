@@ -206,9 +206,13 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
             blocked ||= `volume ${dv.name}: ${status.reason}`;
             fatal = true;
             continue;
-          } else {
+          } else if (offline ? g.autostart && g.run : g.run) {
             path = await dmcrypt.open(spec, mappingName(dv.volumeId), secret);
             neededMappings.add(mappingName(dv.volumeId));
+          } else {
+            // A guest that should not run here keeps no mapping open: it is closed at the
+            // end of this pass, once the domain has been stopped.
+            path = `/dev/mapper/${mappingName(dv.volumeId)}`;
           }
           status.phase = VolumePhase.VOLUME_PHASE_READY;
           hostVolumes.push({ volumeId: dv.volumeId, name: dv.name, format, path, secretUuid });
