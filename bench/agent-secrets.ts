@@ -80,7 +80,7 @@ import type { Libvirt } from '../host-agent/src/libvirt/ports.js';
 import { imagePath } from '../host-agent/src/reconcile/reconciler.js';
 import { ensureLibvirtd, forceCleanup, guestDir, LIBVIRT_URI, restartLibvirtd, virsh } from '../test/helpers/libvirt-harness.js';
 import { DIST, cli, initDataDir, startServer, tempDir, type ServerProcess } from '../test/helpers/server-harness.js';
-import { machineInfo, type MachineInfo } from './load.js';
+import { emitResults, machineInfo, type MachineInfo } from './load.js';
 
 // --- Options -------------------------------------------------------------------------------
 
@@ -1110,15 +1110,7 @@ async function main(): Promise<number> {
       secrets,
       images,
     };
-    console.log(report(results));
-    if (opts.json) {
-      writeFileSync(opts.json, JSON.stringify(results, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v), 2) + '\n');
-      log(`wrote ${opts.json}`);
-    }
-    if (opts.markdown) {
-      writeFileSync(opts.markdown, markdown(results));
-      log(`wrote ${opts.markdown}`);
-    }
+    emitResults(results, opts, { report, markdown }, log);
     return 0;
   } catch (err) {
     console.error(`\nBENCH FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);

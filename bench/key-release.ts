@@ -23,7 +23,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, fdatasyncSync, mkdirSync, openSync, readdirSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fdatasyncSync, mkdirSync, openSync, readdirSync, writeSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -50,7 +50,7 @@ import type { ApiClients } from '../server/src/cli/clients.js';
 import { clientsFor, initDataDir, startServer, tempDir } from '../test/helpers/server-harness.js';
 import { formatProfileSummary, summarizeCpuProfile, type ProfileSummary, type TimeWindow } from './cpuprofile.js';
 import { EchoClient, type EchoReady, type EchoServerConfig } from './echo-service.js';
-import { machineInfo, mergeLoadResults, runClosedLoop, type LoadResult, type MachineInfo } from './load.js';
+import { emitResults, machineInfo, mergeLoadResults, runClosedLoop, type LoadResult, type MachineInfo } from './load.js';
 
 // --- Options -----------------------------------------------------------------------------
 
@@ -710,16 +710,8 @@ async function main(): Promise<number> {
   process.once('SIGTERM', onSignal);
   try {
     const results = await run(opts);
-    console.log(report(results));
-    if (opts.json) {
-      // Raw latencies are left out: the summaries are in `latency`.
-      writeFileSync(opts.json, JSON.stringify(results, (k, v: unknown) => (k === 'latencies' ? undefined : typeof v === 'bigint' ? v.toString() : v), 2) + '\n');
-      log(`wrote ${opts.json}`);
-    }
-    if (opts.markdown) {
-      writeFileSync(opts.markdown, markdown(results));
-      log(`wrote ${opts.markdown}`);
-    }
+    // Raw latencies are left out of the JSON: the summaries are in `latency`.
+    emitResults(results, opts, { report, markdown }, log, ['latencies']);
     return 0;
   } catch (err) {
     console.error(`\nBENCH FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);

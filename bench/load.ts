@@ -4,7 +4,7 @@
  * child process (from /proc), so every rate can be read next to how busy the machine was.
  */
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
 import { performance } from 'node:perf_hooks';
 
@@ -251,4 +251,20 @@ export function machineInfo(): MachineInfo {
   const nprocOut = spawnSync('nproc', [], { encoding: 'utf8' }).stdout?.trim();
   const kernel = spawnSync('uname', ['-r'], { encoding: 'utf8' }).stdout?.trim() ?? '';
   return { nproc: Number(nprocOut) || cpus().length, cpuModel, node: process.version, platform: process.platform, kernel };
+}
+
+/**
+ * Prints a bench's report and writes its optional JSON (bigints as strings; keys named in
+ * `omit` left out) and Markdown files.
+ */
+export function emitResults<R>(results: R, o: { json?: string; markdown?: string }, render: { report: (r: R) => string; markdown: (r: R) => string }, log: (msg: string) => void, omit: readonly string[] = []): void {
+  console.log(render.report(results));
+  if (o.json) {
+    writeFileSync(o.json, JSON.stringify(results, (k, v: unknown) => (omit.includes(k) ? undefined : typeof v === 'bigint' ? v.toString() : v), 2) + '\n');
+    log(`wrote ${o.json}`);
+  }
+  if (o.markdown) {
+    writeFileSync(o.markdown, render.markdown(results));
+    log(`wrote ${o.markdown}`);
+  }
 }

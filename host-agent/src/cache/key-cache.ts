@@ -14,6 +14,7 @@ import { dirname } from 'node:path';
 import { DecryptionError, open, seal, type WrappingKey } from '../../../shared/src/envelope.js';
 import { errors } from '../../../shared/src/errors.js';
 import { ownedCopy, wipe } from '../../../shared/src/secret-bytes.js';
+import { fsyncDirSync } from '../../../shared/src/durable-fs.js';
 
 /** One cached secret. */
 export interface CachedKey {
@@ -136,12 +137,7 @@ export function openKeyCache(path: string, hostKey: WrappingKey, hostId: string)
     }
     if (existsSync(path)) zeroFile(path);
     renameSync(tmp, path);
-    const dfd = openSync(dirname(path), 'r');
-    try {
-      fsyncSync(dfd);
-    } finally {
-      closeSync(dfd);
-    }
+    fsyncDirSync(dirname(path));
   };
   return {
     get(volumeId, keyVersion) {

@@ -7,6 +7,9 @@ import { randomBytes } from 'node:crypto';
 import { link, lstat, open, readdir, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { DomainError, errors } from '../../../shared/src/errors.js';
+import { fsyncDir } from '../../../shared/src/durable-fs.js';
+
+export { fsyncDir };
 
 /** Temporary names look like `.NAME.virtkm-tmp-<12 hex>` in the image's own directory. */
 const TEMPORARY_RE = /^\..+\.virtkm-tmp-[0-9a-f]{12}$/;
@@ -67,15 +70,6 @@ export async function fsyncFile(path: string): Promise<void> {
   }
 }
 
-/** Flushes a directory, so that a link or unlink in it survives a crash. */
-export async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
 /** Reads up to `length` bytes at `position`; fewer at the end of the file. */
 export async function readAt(path: string, position: number, length: number): Promise<Buffer> {

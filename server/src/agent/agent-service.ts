@@ -21,6 +21,7 @@ import type { Clock } from '../domain/clock.js';
 import type { GuestStatusRecord, HostRecord, VolumeRecord, VolumeStatusRecord } from '../domain/model.js';
 import { authenticate, type Principal } from '../rpc/auth.js';
 import type { RpcContext } from '../rpc/handler.js';
+import type { StoreReader } from '../store/ports.js';
 import type { KeyVault } from '../vault/key-vault.js';
 import type { AgentHub, AgentSession } from './agent-hub.js';
 import { buildDesiredState, isHandoffComplete } from './desired-state.js';
@@ -71,6 +72,12 @@ export function parseHostReport(hostId: string, r: HostReport, at: string): { gu
   return { guests, volumes };
 }
 
+/** Whether the host last reported the volume's image ready at its active key version. */
+function isReadyOnHost(store: StoreReader, hostId: string, v: VolumeRecord): boolean {
+  const st = store.volumeStatuses(v.id).find((x) => x.hostId === hostId);
+  return st?.phase === 'ready' && st.keyVersion === v.activeVersion;
+}
+
 /** The desired-state builder the hub uses: seals packets, audits each release first. */
 export function createDesiredStateBuilder(deps: Omit<AgentServiceDeps, 'hub'>, sentPackets: (hostId: string) => Set<string>) {
   const { store, vault, clock } = deps;
@@ -82,26 +89,17 @@ export function createDesiredStateBuilder(deps: Omit<AgentServiceDeps, 'hub'>, s
     const host = store.getHost(hostId);
     if (!host || host.state !== 'enrolled') throw errors.unauthenticated('host is not enrolled');
     const issuedAt = clock.now().toISOString();
-    const ready = new Set<string>();
     const released: { volumeId: string; version: number }[] = [];
     const sent = sentPackets(hostId);
     const packetFor = (v: VolumeRecord): SealedKeyPacket | undefined => {
-      const tag = `${v.id}:${v.activeVersion}`;
-      if (ready.has(tag)) return undefined;
+      // A volume the host reported ready at its active version needs no packet again.
+      if (isReadyOnHost(store, hostId, v)) return undefined;
       const key = store.getActiveKey(v.id);
       if (!key) return undefined;
       released.push({ volumeId: v.id, version: key.version });
-      sent.add(tag);
+      sent.add(`${v.id}:${v.activeVersion}`);
       return vault.packetForHost(v, key, { hostId, recipient: recipientOf(host) }, issuedAt);
     };
-    // Volumes the host reported ready at their active version need no packet again.
-    for (const g of store.guestsForHost(hostId)) {
-      for (const id of g.volumeIds) {
-        const st = store.volumeStatuses(id).find((s) => s.hostId === hostId);
-        const v = store.getVolume(id);
-        if (st && v && st.phase === 'ready' && st.keyVersion === v.activeVersion) ready.add(`${id}:${v.activeVersion}`);
-      }
-    }
     const desired = buildDesiredState(hostId, host.desiredRevision, store, packetFor, issuedAt);
     if (released.length > 0) {
       await store.write((tx) => {
@@ -119,7 +117,15 @@ export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId:
   /** After a report: complete moves whose both ends are ready, push missing packets. */
   const afterReport = async (hostId: string): Promise<void> => {
     const changed = new Set<string>();
+    const sent = sentPackets(hostId);
     for (const g of store.guestsForHost(hostId)) {
+      // A placed volume the host lacks (not ready) whose packet this stream has not carried.
+      if (g.hostId === hostId) {
+        for (const id of g.volumeIds) {
+          const v = store.getVolume(id);
+          if (v && !isReadyOnHost(store, hostId, v) && !sent.has(`${id}:${v.activeVersion}`)) changed.add(hostId);
+        }
+      }
       if (g.handoffFromHostId === null || g.hostId === null) continue;
       const source = store.getHost(g.handoffFromHostId);
       if (!isHandoffComplete(g, store.guestStatuses(g.id))) continue;
@@ -134,16 +140,6 @@ export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId:
         tx.appendAudit({ actor: 'server', action: 'guest.move.complete', target: g.id, outcome: 'ok', detail: { name: g.name, from: source?.name ?? from, to: store.getHost(to)?.name ?? to } });
       });
       changed.add(from).add(to);
-    }
-    // A placed volume the host lacks (not ready) whose packet this stream has not carried.
-    const sent = sentPackets(hostId);
-    for (const g of store.guestsForHost(hostId)) {
-      if (g.hostId !== hostId) continue;
-      for (const id of g.volumeIds) {
-        const v = store.getVolume(id);
-        const st = store.volumeStatuses(id).find((s) => s.hostId === hostId);
-        if (v && !(st?.phase === 'ready' && st.keyVersion === v.activeVersion) && !sent.has(`${id}:${v.activeVersion}`)) changed.add(hostId);
-      }
     }
     hub.hostsChanged(changed);
   };

@@ -13,6 +13,7 @@
  *   DIR/admin.pem          first admin credential bundle (0600), unless written elsewhere
  */
 import { closeSync, fsyncSync, openSync, renameSync, writeSync } from 'node:fs';
+import { fsyncDirSync } from '../../../shared/src/durable-fs.js';
 import { dirname, join } from 'node:path';
 
 /** Paths inside a data directory. */
@@ -46,15 +47,6 @@ export function dataDirPaths(dir: string): DataDirPaths {
 /** Labels binding sealed server secrets to their purpose (see KeyVault.sealServerSecret). */
 export const SERVER_SECRET_LABELS = { caKey: 'ca-key', serverKey: 'server-tls-key' } as const;
 
-/** fsyncs a directory so a rename or create in it is durable. */
-export function fsyncDir(dir: string): void {
-  const fd = openSync(dir, 'r');
-  try {
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 /**
  * Writes a file atomically: a temporary file (mode, exclusive), fsync, rename, fsync of the
@@ -73,5 +65,5 @@ export function writeFileAtomic(path: string, data: Uint8Array | string, mode: n
     closeSync(fd);
   }
   renameSync(tmp, path);
-  fsyncDir(dirname(path));
+  fsyncDirSync(dirname(path));
 }

@@ -19,7 +19,8 @@ import { randomUUID } from 'node:crypto';
 import { normalizeSerial } from '../domain/serial.js';
 import { openSqliteStore } from '../store/sqlite-store.js';
 import { createKeyVault } from '../vault/key-vault.js';
-import { dataDirPaths, fsyncDir, SERVER_SECRET_LABELS, writeFileAtomic } from './data-dir.js';
+import { dataDirPaths, SERVER_SECRET_LABELS, writeFileAtomic } from './data-dir.js';
+import { fsyncDirSync } from '../../../shared/src/durable-fs.js';
 import { sealNewMasterKey, type MasterKeyProtection } from './master-key-access.js';
 
 /** Options of init. */
@@ -137,7 +138,7 @@ export async function initCommand(o: InitOptions): Promise<void> {
     writeFileSync(adminPath, formatCredentialBundle({ caCertPem: ca.certPem, certPem: adminCert.certPem, keyPem: adminKp.privateKeyPem }), { mode: 0o600, flag: 'wx' });
     renameSync(staged.masterKey, final.masterKey);
     rmSync(stagingDir, { recursive: true, force: true });
-    fsyncDir(dir);
+    fsyncDirSync(dir);
     done = true;
     process.stdout.write(
       `initialised ${dir}\n` +

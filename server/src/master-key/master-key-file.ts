@@ -11,9 +11,9 @@ import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { link, open as openFile, readFile, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fsyncDir } from '../../../shared/src/durable-fs.js';
 import { DomainError } from '../../../shared/src/errors.js';
 import { parseSealedMasterKey, type SealedMasterKey } from './sealers.js';
-import { syncDirectory } from './secret-files.js';
 
 /** File name of the sealed master key inside a data directory. */
 export const MASTER_KEY_FILE_NAME = 'master-key.json';
@@ -87,7 +87,7 @@ export async function writeMasterKeyFile(dir: string, sealed: SealedMasterKey): 
     await handle?.close().catch(() => undefined);
     if (tmpExists) await unlink(tmpPath).catch(() => undefined);
   }
-  await syncDirectory(dir);
+  await fsyncDir(dir);
   return finalPath;
 }
 

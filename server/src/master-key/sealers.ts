@@ -28,7 +28,8 @@ import { DecryptionError, KEY_ID_LENGTH, envelopeKeyId, open, seal, type Wrappin
 import { DomainError } from '../../../shared/src/errors.js';
 import { loadSodium } from '../../../shared/src/sodium.js';
 import { ownedCopy, randomSecret, wipe } from '../../../shared/src/secret-bytes.js';
-import { openSecretFile, readBounded, syncDirectory, type BoundedRead } from './secret-files.js';
+import { openSecretFile, readBounded, type BoundedRead } from './secret-files.js';
+import { fsyncDir } from '../../../shared/src/durable-fs.js';
 
 // --- Record ------------------------------------------------------------------------------
 
@@ -254,7 +255,7 @@ export async function createKeyFile(path: string): Promise<void> {
   } finally {
     wipe(kek);
   }
-  await syncDirectory(dirname(path));
+  await fsyncDir(dirname(path));
 }
 
 /** Reads and checks a key file; the caller wipes the returned KEK. */

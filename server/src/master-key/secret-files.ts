@@ -64,12 +64,3 @@ export async function readBounded(handle: FileHandle, max: number): Promise<Boun
   return { buf, length: Math.min(length, max), tooLong: length > max };
 }
 
-/** fsyncs a directory, so that a file created or renamed in it survives a crash. */
-export async function syncDirectory(dir: string): Promise<void> {
-  const handle = await openFile(dir, fsConstants.O_RDONLY | fsConstants.O_DIRECTORY);
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}
