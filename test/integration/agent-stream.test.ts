@@ -77,7 +77,7 @@ class FakeAgent {
     this.stream.write({
       msg: {
         $case: 'report',
-        value: { revision, guests: guests.map((g) => ({ ...g, reason: '' })), volumes: volumes.map((v) => ({ ...v, reason: '', created: false })), deletedImages: [] },
+        value: { revision, guests: guests.map((g) => ({ ...g, reason: '' })), volumes: volumes.map((v) => ({ ...v, reason: '', created: false })), deletedImages: [], rotations: [] },
       },
     });
   }
@@ -178,7 +178,7 @@ test.serial('desired state with sealed key packets on hello; reports show in gue
 test.serial('a revoked host loses its stream; bad reports close the stream with INVALID_ARGUMENT', async (t) => {
   const a2 = new FakeAgent(t.context.server.address, t.context.hosts['hv2']!);
   await a2.until(() => a2.latest(), 'desired state');
-  a2.stream.write({ msg: { $case: 'report', value: { revision: 1n, guests: [{ guestId: 'x', generation: 1n, phase: 99 as GuestPhase, reason: '' }], volumes: [], deletedImages: [] } } });
+  a2.stream.write({ msg: { $case: 'report', value: { revision: 1n, guests: [{ guestId: 'x', generation: 1n, phase: 99 as GuestPhase, reason: '' }], volumes: [], deletedImages: [], rotations: [] } } });
   const bad = await a2.until(() => a2.ended, 'stream end');
   t.is(bad.code, status.INVALID_ARGUMENT);
 

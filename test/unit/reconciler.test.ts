@@ -102,6 +102,7 @@ function guest(t: { context: Ctx }, o: { secret: Buffer; volumeId?: string; run?
         keyVersion: 1,
         packet: { volumeId, keyVersion: 1, sealed: Buffer.from(sealToRecipient(packet, boxRecipient(t.context.box.publicKey))) },
         mayCreate: o.mayCreate ?? true,
+        rotation: undefined,
       },
     ],
   };

@@ -276,7 +276,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
     for (const k of packets.values()) wipe(k);
     if (offline) for (const k of keep) wipe(k.secret);
   }
-  return { revision: desired.revision, guests, volumes, deletedImages };
+  return { revision: desired.revision, guests, volumes, deletedImages, rotations: [] };
 }
 
 /** The end of the description of every secret this host's agent defines. */

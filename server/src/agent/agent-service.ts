@@ -198,6 +198,7 @@ export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId:
               return;
             }
             if (!session) throw errors.invalid('the first agent message must be hello');
+            if (msg.$case === 'progress') return;
             const at = clock.now().toISOString();
             const report = parseHostReport(hostId, msg.value, at);
             session.appliedRevision = Number(msg.value.revision);

@@ -51,6 +51,7 @@ export function buildDesiredState(
             // The source of a handoff already holds the key: it gets none again.
             packet: placedHere ? packetFor(v) : undefined,
             mayCreate: placedHere && !src.isMaterialized(v.id),
+            rotation: undefined,
           },
         ];
       }),

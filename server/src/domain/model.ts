@@ -35,6 +35,60 @@ export interface KeyVersionRecord {
   state: KeyStateName;
   sealed: Uint8Array | null;
   createdAt: string;
+  /** When it stopped being active; null while pending or active. */
+  retiredAt?: string | null;
+  /** When a retired version is (or was) destroyed; null when not scheduled. */
+  destroyAfter?: string | null;
+}
+
+/** What a rotation does: a new keyslot passphrase, or a new data key (all blocks rewritten). */
+export type RotationKindName = 'rekey' | 'reencrypt';
+/** Life-cycle state of a rotation. */
+export type RotationStateName = 'queued' | 'running' | 'done' | 'failed';
+
+/** One replacement of a volume's key. */
+export interface RotationRecord {
+  id: string;
+  volumeId: string;
+  kind: RotationKindName;
+  state: RotationStateName;
+  /** "manual", "scheduled", "move", "compromise" or an admin's text. */
+  reason: string;
+  /** Higher goes first (compromise 100, manual 50, move 20, scheduled 10). */
+  priority: number;
+  /** Deadline (after-move window), or null. */
+  dueAt: string | null;
+  fromVersion: number;
+  /** 0 while queued. */
+  toVersion: number;
+  /** The host doing it, or null while queued. */
+  hostId: string | null;
+  step: string;
+  bytesDone: number;
+  bytesTotal: number;
+  bytesPerSecond: number;
+  error: string;
+  mechanism: string;
+  requestedBy: string;
+  createdAt: string;
+  startedAt: string | null;
+  finishedAt: string | null;
+}
+
+/** Scope of a rotation policy. */
+export type PolicyScope = 'global' | 'guest' | 'volume';
+
+/** When the keys of a scope must be replaced. */
+export interface RotationPolicyRecord {
+  scope: PolicyScope;
+  /** Guest or volume id; "" for global. */
+  targetId: string;
+  /** 0: no age limit. */
+  maxKeyAgeSeconds: number;
+  kind: RotationKindName;
+  /** 0: no re-encryption after a move. */
+  reencryptAfterMoveSeconds: number;
+  updatedAt: string;
 }
 
 /** A guest (libvirt domain) and its placement. */

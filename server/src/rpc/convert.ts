@@ -48,7 +48,7 @@ export function volumeToApi(v: VolumeRecord, keys: KeyVersionRecord[], guestName
     format: FORMAT_TO_API[v.format],
     cipher: { cipher: v.cipher, keySizeBits: v.keySizeBits, sectorSize: v.sectorSize },
     activeKeyVersion: v.activeVersion,
-    keyVersions: keys.map((k) => ({ version: k.version, state: KEY_STATE_TO_API[k.state], createdAt: k.createdAt })),
+    keyVersions: keys.map((k) => ({ version: k.version, state: KEY_STATE_TO_API[k.state], createdAt: k.createdAt, retiredAt: k.retiredAt ?? '', destroyAfter: k.destroyAfter ?? '' })),
     createdAt: v.createdAt,
     guestNames,
   };

@@ -43,7 +43,7 @@ export function createVolumeService(deps: VolumeServiceDeps): VolumeServiceServe
       });
       return { volume: show(volume) };
     }),
-    getVolume: unary(deps, 'GetVolume', ROLES, (req) => ({ volume: show(resolveVolume(store, req.volume)) })),
+    getVolume: unary(deps, 'GetVolume', ROLES, (req) => ({ volume: show(resolveVolume(store, req.volume)), rotation: undefined })),
     listVolumes: unary(deps, 'ListVolumes', ROLES, (req) => {
       const page = store.listVolumes({
         pageSize: pageSize(req.page?.pageSize ?? 0),

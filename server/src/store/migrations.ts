@@ -180,6 +180,54 @@ CREATE TABLE image_deletions (
 ) STRICT;
 `,
   },
+  {
+    version: 3,
+    name: 'key-rotation',
+    // Rotations (one open per volume: the partial unique index), rotation policies, and
+    // when a retired key version is destroyed.
+    sql: `
+ALTER TABLE key_versions ADD COLUMN retired_at TEXT;
+ALTER TABLE key_versions ADD COLUMN destroy_after TEXT;
+CREATE INDEX key_versions_retired ON key_versions(destroy_after) WHERE state = 'retired';
+
+CREATE TABLE rotations (
+  id               TEXT PRIMARY KEY,
+  volume_id        TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+  kind             TEXT NOT NULL CHECK (kind IN ('rekey', 'reencrypt')),
+  state            TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+  reason           TEXT NOT NULL,
+  priority         INTEGER NOT NULL,
+  due_at           TEXT,
+  from_version     INTEGER NOT NULL,
+  to_version       INTEGER NOT NULL,
+  host_id          TEXT REFERENCES hosts(id),
+  step             TEXT NOT NULL,
+  bytes_done       INTEGER NOT NULL,
+  bytes_total      INTEGER NOT NULL,
+  bytes_per_second INTEGER NOT NULL,
+  error            TEXT NOT NULL,
+  mechanism        TEXT NOT NULL,
+  requested_by     TEXT NOT NULL,
+  created_at       TEXT NOT NULL,
+  started_at       TEXT,
+  finished_at      TEXT
+) STRICT;
+CREATE UNIQUE INDEX rotations_one_open_per_volume ON rotations(volume_id) WHERE state IN ('queued', 'running');
+CREATE INDEX rotations_by_state ON rotations(state, priority DESC, due_at, created_at);
+CREATE INDEX rotations_by_host ON rotations(host_id, state);
+CREATE INDEX rotations_by_volume ON rotations(volume_id, created_at);
+
+CREATE TABLE rotation_policies (
+  scope                        TEXT NOT NULL CHECK (scope IN ('global', 'guest', 'volume')),
+  target_id                    TEXT NOT NULL,
+  max_key_age_seconds          INTEGER NOT NULL CHECK (max_key_age_seconds >= 0),
+  kind                         TEXT NOT NULL CHECK (kind IN ('rekey', 'reencrypt')),
+  reencrypt_after_move_seconds INTEGER NOT NULL CHECK (reencrypt_after_move_seconds >= 0),
+  updated_at                   TEXT NOT NULL,
+  PRIMARY KEY (scope, target_id)
+) STRICT;
+`,
+  },
 ]);
 
 /** The schema version this code writes: the newest migration's version. */

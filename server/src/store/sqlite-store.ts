@@ -37,6 +37,7 @@ import type {
   VolumeFormatName,
   VolumeRecord,
 } from '../domain/model.js';
+import { clampPageSize, sqliteCode, decodeNameToken, decodeSeqToken, encodePageToken, nameRange, run, toPage, type NameUpperBound } from './sqlite-util.js';
 import { LATEST_SCHEMA_VERSION, MIGRATIONS, SCHEMA_MIGRATIONS_DDL, assertMigrationsWellFormed } from './migrations.js';
 import type { AuditQuery, AuditVerification, GuestQuery, Store, StoreWriter, VolumeQuery } from './ports.js';
 
@@ -92,14 +93,7 @@ export interface SqliteStore extends Store {
 
 const DEFAULT_MAX_BATCH = 256;
 const BUSY_TIMEOUT_MS = 5000;
-const MAX_PAGE_SIZE = 1000;
 const MAX_INT64 = 2n ** 63n - 1n;
-/**
- * Upper bound of a name range with no prefix. In SQLite every BLOB sorts after every TEXT
- * and TEXT affinity does not convert BLOBs, so `name < X''` holds for all names while
- * staying an index range bound (one prepared statement serves both cases).
- */
-const NO_UPPER_BOUND = Buffer.alloc(0);
 
 // ---------------------------------------------------------------------------------------
 // Row shapes (snake_case as in the schema)
@@ -197,7 +191,6 @@ interface AuditRow {
   hash: string;
 }
 
-type NameUpperBound = string | Buffer;
 
 const VOLUME_COLS = 'id, name, size_bytes, format, cipher, key_size_bits, sector_size, active_version, created_at';
 const KEY_COLS = 'volume_id, version, state, sealed, created_at';
@@ -488,136 +481,6 @@ function* auditRecords(rows: Iterable<AuditRow>): Generator<AuditRecord> {
   for (const r of rows) yield toAudit(r);
 }
 
-// ---------------------------------------------------------------------------------------
-// Errors
-
-function sqliteCode(err: unknown): string | undefined {
-  if (err instanceof Database.SqliteError) return err.code;
-  return undefined;
-}
-
-/** What a constraint violation of one statement means, in caller terms. */
-interface ConstraintNames {
-  /** Entity named when a UNIQUE constraint (other than the primary key) fails, e.g. "volume name". */
-  unique?: string;
-  /** Entity named when the primary key is taken, e.g. "volume". */
-  primary?: string;
-  /** Entity named when a referenced row is missing, e.g. "volume". */
-  foreign?: string;
-}
-
-/**
- * Maps a SQLite constraint error to a DomainError whose message names the entity only
- * (never SQL, table or values); any other error is returned unchanged and becomes
- * INTERNAL at the RPC layer. Classification uses SQLite's extended result code.
- */
-function mapConstraint(err: unknown, names: ConstraintNames): unknown {
-  const code = sqliteCode(err);
-  if (code === 'SQLITE_CONSTRAINT_UNIQUE' && names.unique) return errors.alreadyExists(names.unique, { cause: err });
-  if (code === 'SQLITE_CONSTRAINT_PRIMARYKEY' && names.primary) return errors.alreadyExists(names.primary, { cause: err });
-  if (code === 'SQLITE_CONSTRAINT_FOREIGNKEY' && names.foreign) return errors.notFound(names.foreign, { cause: err });
-  return err;
-}
-
-function run(fn: () => void, names: ConstraintNames): void {
-  try {
-    fn();
-  } catch (err) {
-    throw mapConstraint(err, names);
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// Pagination
-
-type TokenKind = 'volume' | 'guest' | 'host' | 'audit';
-
-function badToken(): DomainError {
-  return errors.invalid('invalid page token');
-}
-
-/** Opaque page token: base64url of the JSON array [kind, lastKey]. */
-function encodePageToken(kind: TokenKind, key: string | number): string {
-  return Buffer.from(JSON.stringify([kind, key]), 'utf8').toString('base64url');
-}
-
-/** Inverse of encodePageToken; undefined for "" (first page). */
-function decodePageToken(token: string, kind: TokenKind): unknown {
-  if (token === '') return undefined;
-  if (token.length > 4096 || !/^[A-Za-z0-9_-]+$/.test(token)) throw badToken();
-  const raw = Buffer.from(token, 'base64url');
-  // Node's decoder is lenient; a token that does not re-encode to itself was not ours.
-  if (raw.toString('base64url') !== token) throw badToken();
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(raw.toString('utf8'));
-  } catch {
-    throw badToken();
-  }
-  if (!Array.isArray(parsed) || parsed.length !== 2 || parsed[0] !== kind) throw badToken();
-  return parsed[1];
-}
-
-function decodeNameToken(token: string, kind: TokenKind): string | undefined {
-  const key = decodePageToken(token, kind);
-  if (key === undefined) return undefined;
-  if (typeof key !== 'string') throw badToken();
-  return key;
-}
-
-function decodeSeqToken(token: string): number | undefined {
-  const key = decodePageToken(token, 'audit');
-  if (key === undefined) return undefined;
-  if (typeof key !== 'number' || !Number.isSafeInteger(key) || key < 0) throw badToken();
-  return key;
-}
-
-function clampPageSize(n: number): number {
-  if (!Number.isFinite(n)) return MAX_PAGE_SIZE;
-  return Math.min(MAX_PAGE_SIZE, Math.max(1, Math.trunc(n)));
-}
-
-/** SQLite's default BINARY collation compares UTF-8 bytes; so must we. */
-function compareUtf8(a: string, b: string): number {
-  return Buffer.compare(Buffer.from(a, 'utf8'), Buffer.from(b, 'utf8'));
-}
-
-/**
- * Smallest string greater than every string starting with `prefix`, or NO_UPPER_BOUND.
- * Code-point order equals UTF-8 byte order, so incrementing the last code point works;
- * trailing U+10FFFF cannot be incremented and is dropped first (carry), and the surrogate
- * range is skipped because it has no UTF-8 encoding.
- */
-function prefixUpperBound(prefix: string): NameUpperBound {
-  const cps = Array.from(prefix, (c) => c.codePointAt(0) ?? 0);
-  while (cps.length > 0 && cps[cps.length - 1] === 0x10ffff) cps.pop();
-  const last = cps.pop();
-  if (last === undefined) return NO_UPPER_BOUND;
-  cps.push(last + 1 === 0xd800 ? 0xe000 : last + 1);
-  return String.fromCodePoint(...cps);
-}
-
-/**
- * Index range [start, end) of names with the prefix that come after `after`. `after + "\0"`
- * is the smallest string greater than `after` in byte order, which turns the exclusive
- * keyset bound into an inclusive one so both cases share one statement.
- */
-function nameRange(prefix: string, after: string | undefined): { start: string; end: NameUpperBound } {
-  let start = prefix;
-  if (after !== undefined) {
-    const successor = after + '\u0000';
-    if (compareUtf8(successor, start) > 0) start = successor;
-  }
-  return { start, end: prefix === '' ? NO_UPPER_BOUND : prefixUpperBound(prefix) };
-}
-
-/** Rows were fetched with LIMIT pageSize + 1: the extra row only says "there is more". */
-function toPage<T>(items: T[], limit: number, tokenOf: (last: T) => string): Page<T> {
-  if (items.length <= limit) return { items, nextPageToken: '' };
-  const pageItems = items.slice(0, limit);
-  const last = pageItems[pageItems.length - 1];
-  return { items: pageItems, nextPageToken: last === undefined ? '' : tokenOf(last) };
-}
 
 // ---------------------------------------------------------------------------------------
 // File handling and schema
