@@ -6,12 +6,16 @@
 import type { ServerDuplexStream } from '@grpc/grpc-js';
 import {
   GuestPhase,
+  RotationKind,
+  RotationPhase,
   VolumePhase,
   type AgentServiceServer,
   type ConnectRequest,
   type ConnectResponse,
   type DesiredState,
   type HostReport,
+  type RotationOrder,
+  type RotationStatus,
   type SealedKeyPacket,
 } from '../../../shared/src/api.js';
 import { createRecipientCache, type BoxRecipient } from '../../../shared/src/box.js';
@@ -23,6 +27,7 @@ import { authenticate, type Principal } from '../rpc/auth.js';
 import type { RpcContext } from '../rpc/handler.js';
 import type { StoreReader } from '../store/ports.js';
 import type { KeyVault } from '../vault/key-vault.js';
+import type { RotationManager, RotationStatusInput } from '../rotation/rotation-manager.js';
 import type { AgentHub, AgentSession } from './agent-hub.js';
 import { buildDesiredState, isHandoffComplete } from './desired-state.js';
 
@@ -31,6 +36,7 @@ export interface AgentServiceDeps extends RpcContext {
   vault: KeyVault;
   clock: Clock;
   hub: AgentHub;
+  rotations: RotationManager;
 }
 
 /** Most guests or volumes one report may list. */
@@ -72,6 +78,35 @@ export function parseHostReport(hostId: string, r: HostReport, at: string): { gu
   return { guests, volumes };
 }
 
+const ROTATION_PHASE_NAMES: Readonly<Record<number, RotationStatusInput['phase']>> = {
+  [RotationPhase.ROTATION_PHASE_WAITING]: 'waiting',
+  [RotationPhase.ROTATION_PHASE_RUNNING]: 'running',
+  [RotationPhase.ROTATION_PHASE_DONE]: 'done',
+  [RotationPhase.ROTATION_PHASE_FAILED]: 'failed',
+};
+
+/** Validates what an agent says about its rotation orders. */
+export function parseRotationStatuses(list: RotationStatus[]): RotationStatusInput[] {
+  if (list.length > MAX_REPORT_ITEMS) throw errors.tooLarge('report lists too many rotations');
+  const num = (v: bigint) => (v < 0n ? 0 : v > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(v));
+  return list.map((s) => {
+    const phase = ROTATION_PHASE_NAMES[s.phase];
+    if (!phase) throw errors.invalid('unknown rotation phase in report');
+    return {
+      rotationId: s.rotationId,
+      volumeId: s.volumeId,
+      phase,
+      step: s.step.slice(0, MAX_REASON),
+      bytesDone: num(s.bytesDone),
+      bytesTotal: num(s.bytesTotal),
+      bytesPerSecond: num(s.bytesPerSecond),
+      reason: s.reason.slice(0, MAX_REASON),
+      mechanism: s.mechanism.slice(0, 100),
+      targetVersion: s.targetVersion,
+    };
+  });
+}
+
 /** Whether the host last reported the volume's image ready at its active key version. */
 function isReadyOnHost(store: StoreReader, hostId: string, v: VolumeRecord): boolean {
   const st = store.volumeStatuses(v.id).find((x) => x.hostId === hostId);
@@ -79,7 +114,7 @@ function isReadyOnHost(store: StoreReader, hostId: string, v: VolumeRecord): boo
 }
 
 /** The desired-state builder the hub uses: seals packets, audits each release first. */
-export function createDesiredStateBuilder(deps: Omit<AgentServiceDeps, 'hub'>, sentPackets: (hostId: string) => Set<string>) {
+export function createDesiredStateBuilder(deps: Omit<AgentServiceDeps, 'hub' | 'rotations'>, sentPackets: (hostId: string) => Set<string>) {
   const { store, vault, clock } = deps;
   // Parsed X25519 keys per host, so the hot path does not re-import them.
   const recipients = createRecipientCache();
@@ -100,7 +135,23 @@ export function createDesiredStateBuilder(deps: Omit<AgentServiceDeps, 'hub'>, s
       sent.add(`${v.id}:${v.activeVersion}`);
       return vault.packetForHost(v, key, { hostId, recipient: recipientOf(host) }, issuedAt);
     };
-    const desired = buildDesiredState(hostId, host.desiredRevision, store, packetFor, issuedAt);
+    // A running rotation's order carries the new version's packet on every push (the host
+    // needs it until it reports the rotation done; pushes happen only on changes).
+    const running = new Map(store.runningRotationsOnHost(hostId).map((r) => [r.volumeId, r]));
+    const rotationFor = (v: VolumeRecord): RotationOrder | undefined => {
+      const r = running.get(v.id);
+      if (!r) return undefined;
+      const key = store.getKeyVersions(v.id).find((k) => k.version === r.toVersion);
+      if (!key || key.sealed === null) return undefined;
+      released.push({ volumeId: v.id, version: key.version });
+      return {
+        rotationId: r.id,
+        kind: r.kind === 'rekey' ? RotationKind.ROTATION_KIND_REKEY : RotationKind.ROTATION_KIND_REENCRYPT,
+        targetVersion: r.toVersion,
+        targetPacket: vault.packetForHost(v, key, { hostId, recipient: recipientOf(host) }, issuedAt),
+      };
+    };
+    const desired = buildDesiredState(hostId, host.desiredRevision, store, packetFor, issuedAt, rotationFor);
     if (released.length > 0) {
       await store.write((tx) => {
         for (const r of released) tx.appendAudit({ actor: `host:${host.name}`, action: 'key.release', target: r.volumeId, outcome: 'ok', detail: { key_version: r.version, via: 'desired_state' } });
@@ -112,7 +163,7 @@ export function createDesiredStateBuilder(deps: Omit<AgentServiceDeps, 'hub'>, s
 
 /** Creates the grpc-js implementation of AgentService. */
 export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId: string) => Set<string>): AgentServiceServer {
-  const { store, clock, hub, logger } = deps;
+  const { store, clock, hub, logger, rotations } = deps;
 
   /** After a report: complete moves whose both ends are ready, push missing packets. */
   const afterReport = async (hostId: string): Promise<void> => {
@@ -140,6 +191,7 @@ export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId:
         tx.appendAudit({ actor: 'server', action: 'guest.move.complete', target: g.id, outcome: 'ok', detail: { name: g.name, from: source?.name ?? from, to: store.getHost(to)?.name ?? to } });
       });
       changed.add(from).add(to);
+      await rotations.onMoveComplete(g.id).catch((err: unknown) => logger.error('queueing re-encryption after a move failed', describeError(err)));
     }
     hub.hostsChanged(changed);
   };
@@ -198,9 +250,13 @@ export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId:
               return;
             }
             if (!session) throw errors.invalid('the first agent message must be hello');
-            if (msg.$case === 'progress') return;
+            if (msg.$case === 'progress') {
+              await rotations.onHostStatuses(hostId, parseRotationStatuses(msg.value.rotations));
+              return;
+            }
             const at = clock.now().toISOString();
             const report = parseHostReport(hostId, msg.value, at);
+            const rotationStatuses = parseRotationStatuses(msg.value.rotations);
             session.appliedRevision = Number(msg.value.revision);
             await store.write((tx) => {
               tx.replaceHostReport(hostId, report.guests, report.volumes);
@@ -208,6 +264,7 @@ export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId:
               tx.completeImageDeletions(hostId, msg.value.deletedImages.slice(0, MAX_REPORT_ITEMS));
               tx.touchHost(hostId, at);
             });
+            await rotations.onHostStatuses(hostId, rotationStatuses);
             await afterReport(hostId);
           } catch (err) {
             cleanup();

@@ -3,7 +3,7 @@
  * over (to keep stopped until the new host confirms). Pure decisions over store records;
  * sealing key packets is left to the caller through `packetFor`.
  */
-import type { DesiredGuest, DesiredState, SealedKeyPacket } from '../../../shared/src/api.js';
+import type { DesiredGuest, DesiredState, RotationOrder, SealedKeyPacket } from '../../../shared/src/api.js';
 import type { GuestRecord, GuestStatusRecord, VolumeFormatName, VolumeRecord } from '../domain/model.js';
 import { FORMAT_TO_API } from '../../../shared/src/formats.js';
 
@@ -18,7 +18,8 @@ export interface DesiredStateSource {
 /**
  * Builds the host's desired state. `packetFor(volume)` returns the sealed key packet for a
  * volume of a guest placed on the host, or undefined when the host already reported the
- * volume ready at that key version (no need to release the key again).
+ * volume ready at that key version (no need to release the key again). `rotationFor(volume)`
+ * returns the order of a rotation the host must carry out on the volume, if any.
  */
 export function buildDesiredState(
   hostId: string,
@@ -26,6 +27,7 @@ export function buildDesiredState(
   src: DesiredStateSource,
   packetFor: (volume: VolumeRecord) => SealedKeyPacket | undefined,
   issuedAt: string,
+  rotationFor: (volume: VolumeRecord) => RotationOrder | undefined = () => undefined,
 ): DesiredState {
   const guests: DesiredGuest[] = src.guestsForHost(hostId).map((g) => {
     const placedHere = g.hostId === hostId;
@@ -51,7 +53,7 @@ export function buildDesiredState(
             // The source of a handoff already holds the key: it gets none again.
             packet: placedHere ? packetFor(v) : undefined,
             mayCreate: placedHere && !src.isMaterialized(v.id),
-            rotation: undefined,
+            rotation: placedHere ? rotationFor(v) : undefined,
           },
         ];
       }),

@@ -2,6 +2,7 @@
  * Options of `virtkm-server run`, compiled once: defaults applied, values checked, frozen.
  */
 import { errors } from '../../../shared/src/errors.js';
+import { parseDurationSeconds } from '../domain/duration.js';
 import type { LogLevel } from '../../../shared/src/log.js';
 
 /** What the operator may set. */
@@ -13,6 +14,10 @@ export interface ServerRunOptions {
   logLevel?: string;
   shutdownGraceMs?: number;
   hostCertDays?: number;
+  /** Durations as text ("30s", "7d") and a count, as given on the command line. */
+  rotationInterval?: string;
+  rotationsPerHost?: string;
+  keyGrace?: string;
 }
 
 /** Options with defaults applied. */
@@ -25,6 +30,7 @@ export interface CompiledServerRunOptions {
   readonly logLevel: LogLevel;
   readonly shutdownGraceMs: number;
   readonly hostCertDays: number;
+  readonly rotation: { readonly intervalMs: number; readonly maxPerHost: number; readonly graceSeconds: number };
 }
 
 /** Default main listener (loopback: exposing it is a deliberate choice). */
@@ -36,6 +42,11 @@ function checkAddress(flag: string, a: string): string {
     throw errors.invalid(`${flag} must be HOST:PORT`);
   }
   return a;
+}
+
+function checkRange(flag: string, n: number, min: number, max: number): number {
+  if (!Number.isInteger(n) || n < min || n > max) throw errors.invalid(`${flag} must be between ${min} and ${max}`);
+  return n;
 }
 
 /** Applies defaults and validates. */
@@ -52,5 +63,10 @@ export function compileServerRunOptions(o: ServerRunOptions): CompiledServerRunO
     logLevel: level,
     shutdownGraceMs: o.shutdownGraceMs ?? 10_000,
     hostCertDays: o.hostCertDays ?? 365,
+    rotation: Object.freeze({
+      intervalMs: checkRange('--rotation-interval', parseDurationSeconds(o.rotationInterval ?? '30s', '--rotation-interval'), 1, 86400) * 1000,
+      maxPerHost: checkRange('--rotations-per-host', Number(o.rotationsPerHost ?? '2'), 1, 64),
+      graceSeconds: checkRange('--key-grace', parseDurationSeconds(o.keyGrace ?? '7d', '--key-grace'), 0, 10 * 31536000),
+    }),
   });
 }

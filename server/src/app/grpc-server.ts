@@ -13,6 +13,7 @@ import {
   GuestServiceService,
   HostServiceService,
   KeyServiceService,
+  RotationServiceService,
   VolumeServiceService,
 } from '../../../shared/src/api.js';
 import type { Logger } from '../../../shared/src/log.js';
@@ -27,6 +28,9 @@ import { createGuestService } from '../rpc/guest-service.js';
 import { createHostService } from '../rpc/host-service.js';
 import { createKeyService } from '../rpc/key-service.js';
 import { createVolumeService } from '../rpc/volume-service.js';
+import { createRotationService } from '../rpc/rotation-service.js';
+import { createRotationManager, type RotationManager, type RotationSettings } from '../rotation/rotation-manager.js';
+import { startRotationScheduler } from '../rotation/scheduler.js';
 import type { Store } from '../store/ports.js';
 import type { KeyVault } from '../vault/key-vault.js';
 
@@ -53,6 +57,8 @@ export interface GrpcServerDeps {
   /** Enrollment listener address, or "" for none. */
   enrollListen: string;
   hostCertDays: number;
+  /** Rotation tunables (defaults in rotation-manager.ts) and the scheduler's interval. */
+  rotation?: Partial<RotationSettings> & { intervalMs?: number };
 }
 
 /** A running server. */
@@ -61,6 +67,7 @@ export interface RunningServer {
   readonly address: string;
   readonly enrollAddress: string;
   state(): ServerState;
+  readonly rotations: RotationManager;
   /** Stops accepting calls, lets running ones finish (up to graceMs), then closes. */
   shutdown(graceMs: number): Promise<void>;
 }
@@ -104,7 +111,9 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
   const sentFor = (hostId: string) => sentPackets.get(hostId) ?? sentPackets.set(hostId, new Set()).get(hostId)!;
   const agentDeps = { ...ctx, vault: deps.vault, clock: deps.clock };
   const hub = createAgentHub(createDesiredStateBuilder(agentDeps, sentFor), deps.logger.child('agents'));
-  main.addService(AgentServiceService, createAgentService({ ...agentDeps, hub }, sentFor));
+  const rotations = createRotationManager({ store: deps.store, vault: deps.vault, clock: deps.clock, notifier: hub, logger: deps.logger.child('rotation'), settings: deps.rotation ?? {} });
+  main.addService(AgentServiceService, createAgentService({ ...agentDeps, hub, rotations }, sentFor));
+  main.addService(RotationServiceService, createRotationService({ ...ctx, rotations, clock: deps.clock }));
   main.addService(VolumeServiceService, createVolumeService({ ...ctx, vault: deps.vault, clock: deps.clock }));
   main.addService(GuestServiceService, createGuestService({ ...ctx, clock: deps.clock, notifier: hub }));
   // enrollAddress is filled in below, once the enrollment listener is bound.
@@ -126,6 +135,7 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
   }
   health.setStatus('', 'SERVING');
   health.setStatus('virtkm.v1.KeyService', 'SERVING');
+  const scheduler = startRotationScheduler(rotations, deps.rotation?.intervalMs ?? 30_000, deps.logger.child('rotation'));
   state = 'running';
   deps.logger.info('listening', { address, enroll_address: hostDeps.enrollAddress || undefined });
 
@@ -133,9 +143,11 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
     address,
     enrollAddress: hostDeps.enrollAddress,
     state: () => state,
+    rotations,
     async shutdown(graceMs) {
       if (state === 'draining' || state === 'stopped') return;
       state = 'draining';
+      await scheduler.stop();
       // Agents reconnect with backoff to whichever server comes back.
       hub.closeAll(14 /* UNAVAILABLE */, 'server is shutting down');
       health.setStatus('', 'NOT_SERVING');

@@ -53,6 +53,7 @@ export async function runCommand(raw: ServerRunOptions): Promise<void> {
     listen: opts.listen,
     enrollListen: opts.enrollListen,
     hostCertDays: opts.hostCertDays,
+    rotation: opts.rotation,
   });
   // One machine-readable line on stdout for supervisors and tests.
   process.stdout.write(JSON.stringify({ event: 'ready', listen: server.address, enroll: server.enrollAddress || null, pid: process.pid }) + '\n');

@@ -23,6 +23,11 @@ program
   .option('--san <name...>', 'extra DNS names or IP addresses for the server certificate')
   .option('--kdf-ops <n>', 'Argon2id opslimit (default: libsodium MODERATE)')
   .option('--kdf-mem-mib <n>', 'Argon2id memlimit in MiB (default: libsodium MODERATE)')
+  .option('--sealer <kind>', 'how the master key is sealed: keyfile (default), passphrase, pkcs11 or tpm2')
+  .option('--pkcs11-uri <uri>', 'pkcs11: the token key (RFC 7512 URI with module-path; the key is created when missing)')
+  .option('--pin-file <file>', "pkcs11: file (0600) holding the token's user PIN (else the URI's pin-source)")
+  .option('--tpm-tcti <tcti>', 'tpm2: how to reach the TPM (default device:/dev/tpmrm0)')
+  .option('--tpm-pcrs <selection>', 'tpm2: bind to the current values of these PCRs, e.g. sha256:0,7')
   .action(async (o) => {
     await initCommand(o);
   });
@@ -35,6 +40,9 @@ program
   .option('--enroll-listen <addr>', 'enrollment listener HOST:PORT (TLS, token-authenticated); off when not given')
   .option('--passphrase-file <file>', 'passphrase to unseal the master key (when sealed by passphrase)')
   .option('--log-level <level>', 'debug, info, warn or error', 'info')
+  .option('--rotation-interval <duration>', 'how often the rotation scheduler runs (e.g. 30s)', '30s')
+  .option('--rotations-per-host <n>', 'rotations one host runs at the same time', '2')
+  .option('--key-grace <duration>', 'how long a retired key version is kept before it is destroyed (e.g. 7d)', '7d')
   .action(async (o) => {
     await runCommand(o);
   });

@@ -13,6 +13,7 @@ import { actorOf } from './auth.js';
 import { formatFromApi, volumeToApi } from './convert.js';
 import { unary, type RpcContext } from './handler.js';
 import { resolveVolume } from './resolve.js';
+import { rotationToApi } from './rotation-service.js';
 
 /** Dependencies of the volume service. */
 export interface VolumeServiceDeps extends RpcContext {
@@ -43,7 +44,11 @@ export function createVolumeService(deps: VolumeServiceDeps): VolumeServiceServe
       });
       return { volume: show(volume) };
     }),
-    getVolume: unary(deps, 'GetVolume', ROLES, (req) => ({ volume: show(resolveVolume(store, req.volume)), rotation: undefined })),
+    getVolume: unary(deps, 'GetVolume', ROLES, (req) => {
+      const v = resolveVolume(store, req.volume);
+      const latest = store.latestRotationOfVolume(v.id);
+      return { volume: show(v), rotation: latest ? rotationToApi(latest, store) : undefined };
+    }),
     listVolumes: unary(deps, 'ListVolumes', ROLES, (req) => {
       const page = store.listVolumes({
         pageSize: pageSize(req.page?.pageSize ?? 0),

@@ -15,6 +15,10 @@ import type {
   HostRecord,
   KeyVersionRecord,
   Page,
+  PolicyScope,
+  RotationPolicyRecord,
+  RotationRecord,
+  RotationStateName,
   VolumeFormatName,
   VolumeRecord,
   VolumeStatusRecord,
@@ -44,6 +48,14 @@ export interface AuditQuery {
   action?: string;
   target?: string;
   afterSeq?: number;
+}
+
+/** Filters and paging for listRotations (newest first). */
+export interface RotationQuery {
+  pageSize: number;
+  pageToken: string;
+  states?: RotationStateName[];
+  volumeId?: string;
 }
 
 /** Result of verifying the audit hash chain. */
@@ -109,6 +121,22 @@ export interface StoreReader {
 
   /** Small key/value settings (schema-independent metadata), e.g. "server.id". */
   getSetting(key: string): string | undefined;
+
+  getRotation(id: string): RotationRecord | undefined;
+  /** The volume's queued or running rotation (at most one). */
+  openRotationOfVolume(volumeId: string): RotationRecord | undefined;
+  /** The volume's newest rotation in any state. */
+  latestRotationOfVolume(volumeId: string): RotationRecord | undefined;
+  listRotations(q: RotationQuery): Page<RotationRecord>;
+  runningRotationsOnHost(hostId: string): RotationRecord[];
+  /** Queued rotations in dispatch order: priority, then deadline, then age. */
+  queuedRotations(limit: number): RotationRecord[];
+  /** Volumes whose active key was created before `cutoff` and that have no open rotation, oldest first. */
+  agedVolumes(cutoff: string, limit: number): { volumeId: string; keyCreatedAt: string }[];
+  /** Retired key versions whose destruction time has come. */
+  retiredKeysDue(now: string, limit: number): { volumeId: string; version: number }[];
+  getPolicy(scope: PolicyScope, targetId: string): RotationPolicyRecord | undefined;
+  listPolicies(): RotationPolicyRecord[];
 }
 
 /** Write operations; only valid inside `Store.write`. Constraint violations throw DomainError. */
@@ -148,6 +176,24 @@ export interface StoreWriter extends StoreReader {
   appendAudit(e: AuditEntryInput): AuditRecord;
 
   setSetting(key: string, value: string): void;
+
+  /**
+   * Master key rotation (app/master-key-rotation.ts): passes every stored sealed secret
+   * (each key version that still has one) to `rewrap` and stores what it returns
+   * (undefined: unchanged), all inside this unit's transaction. Returns the number
+   * rewritten. A throwing `rewrap` rolls the whole unit back.
+   */
+  rewrapSealedSecrets(rewrap: (volumeId: string, version: number, sealed: Uint8Array) => Uint8Array | undefined): number;
+
+  /** already_exists when the volume has an open rotation. */
+  insertRotation(r: RotationRecord): void;
+  updateRotation(r: RotationRecord): void;
+  /** Marks a key version retired, to be destroyed at destroyAfter (null: not scheduled). */
+  retireKeyVersion(volumeId: string, version: number, retiredAt: string, destroyAfter: string | null): void;
+  /** Erases a non-active version's sealed secret (crypto-shredding); false when there was none. */
+  destroyKeyVersion(volumeId: string, version: number): boolean;
+  upsertPolicy(p: RotationPolicyRecord): void;
+  deletePolicy(scope: PolicyScope, targetId: string): boolean;
 }
 
 /** The storage port. */

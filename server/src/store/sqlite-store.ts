@@ -34,12 +34,16 @@ import type {
   HostRecord,
   KeyVersionRecord,
   Page,
+  PolicyScope,
+  RotationPolicyRecord,
+  RotationRecord,
   VolumeFormatName,
   VolumeRecord,
 } from '../domain/model.js';
 import { clampPageSize, sqliteCode, decodeNameToken, decodeSeqToken, encodePageToken, nameRange, run, toPage, type NameUpperBound } from './sqlite-util.js';
 import { LATEST_SCHEMA_VERSION, MIGRATIONS, SCHEMA_MIGRATIONS_DDL, assertMigrationsWellFormed } from './migrations.js';
-import type { AuditQuery, AuditVerification, GuestQuery, Store, StoreWriter, VolumeQuery } from './ports.js';
+import type { AuditQuery, AuditVerification, GuestQuery, RotationQuery, Store, StoreWriter, VolumeQuery } from './ports.js';
+import { SqliteRotationTables, retirementOf } from './sqlite-rotations.js';
 
 /** Test seams. Never set in production code. */
 export interface SqliteStoreTestHooks {
@@ -116,6 +120,8 @@ interface KeyVersionRow {
   state: string;
   sealed: Buffer | null;
   created_at: string;
+  retired_at?: string | null;
+  destroy_after?: string | null;
 }
 
 interface GuestRow {
@@ -240,7 +246,7 @@ function prepareStatements(db: Database.Database) {
       .pluck(),
 
     // Key versions.
-    getKeyVersions: db.prepare<[string], KeyVersionRow>(`SELECT ${KEY_COLS} FROM key_versions WHERE volume_id = ? ORDER BY version`),
+    getKeyVersions: db.prepare<[string], KeyVersionRow>(`SELECT ${KEY_COLS}, retired_at, destroy_after FROM key_versions WHERE volume_id = ? ORDER BY version`),
     // Hot path of key release: one primary-key lookup on each table.
     getActiveKey: db.prepare<[string], KeyVersionRow>(
       `SELECT k.volume_id, k.version, k.state, k.sealed, k.created_at
@@ -413,6 +419,7 @@ function toKeyVersion(r: KeyVersionRow): KeyVersionRecord {
     state: r.state as KeyVersionRecord['state'],
     sealed: r.sealed === null ? null : bytes(r.sealed),
     createdAt: r.created_at,
+    ...retirementOf(r),
   };
 }
 
@@ -603,6 +610,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
   readonly schemaVersion: number;
   readonly #db: Database.Database;
   readonly #s: Statements;
+  readonly #rot: SqliteRotationTables;
   readonly #memory: boolean;
   readonly #path: string;
   readonly #logger: Logger;
@@ -633,6 +641,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     this.#now = init.now;
     this.#hooks = init.hooks;
     this.#s = prepareStatements(db);
+    this.#rot = new SqliteRotationTables(db);
     const head = this.#s.auditHead.get();
     this.#head = head ? { seq: head.seq, hash: head.hash } : { seq: 0, hash: GENESIS_HASH };
   }
@@ -642,6 +651,46 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
   }
 
   // ----- reads -------------------------------------------------------------------------
+
+  getRotation(id: string): RotationRecord | undefined {
+    return this.#rot.getRotation(id);
+  }
+
+  openRotationOfVolume(volumeId: string): RotationRecord | undefined {
+    return this.#rot.openRotationOfVolume(volumeId);
+  }
+
+  latestRotationOfVolume(volumeId: string): RotationRecord | undefined {
+    return this.#rot.latestRotationOfVolume(volumeId);
+  }
+
+  listRotations(q: RotationQuery): Page<RotationRecord> {
+    return this.#rot.listRotations(q);
+  }
+
+  runningRotationsOnHost(hostId: string): RotationRecord[] {
+    return this.#rot.runningRotationsOnHost(hostId);
+  }
+
+  queuedRotations(limit: number): RotationRecord[] {
+    return this.#rot.queuedRotations(limit);
+  }
+
+  agedVolumes(cutoff: string, limit: number): { volumeId: string; keyCreatedAt: string }[] {
+    return this.#rot.agedVolumes(cutoff, limit);
+  }
+
+  retiredKeysDue(now: string, limit: number): { volumeId: string; version: number }[] {
+    return this.#rot.retiredKeysDue(now, limit);
+  }
+
+  getPolicy(scope: PolicyScope, targetId: string): RotationPolicyRecord | undefined {
+    return this.#rot.getPolicy(scope, targetId);
+  }
+
+  listPolicies(): RotationPolicyRecord[] {
+    return this.#rot.listPolicies();
+  }
 
   getVolume(id: string): VolumeRecord | undefined {
     const r = this.#s.getVolume.get(id);
@@ -822,6 +871,38 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     if (!this.#inUnit) throw new Error('StoreWriter used outside its write unit (units must be synchronous)');
   }
 
+  insertRotation(r: RotationRecord): void {
+    this.#assertInUnit();
+    this.#rot.insertRotation(r);
+  }
+
+  updateRotation(r: RotationRecord): void {
+    this.#assertInUnit();
+    this.#rot.updateRotation(r);
+  }
+
+  retireKeyVersion(volumeId: string, version: number, retiredAt: string, destroyAfter: string | null): void {
+    this.#assertInUnit();
+    this.#rot.retireKeyVersion(volumeId, version, retiredAt, destroyAfter);
+  }
+
+  destroyKeyVersion(volumeId: string, version: number): boolean {
+    this.#assertInUnit();
+    const erased = this.#rot.destroyKeyVersion(volumeId, version);
+    if (erased) this.#shredPending = true;
+    return erased;
+  }
+
+  upsertPolicy(p: RotationPolicyRecord): void {
+    this.#assertInUnit();
+    this.#rot.upsertPolicy(p);
+  }
+
+  deletePolicy(scope: PolicyScope, targetId: string): boolean {
+    this.#assertInUnit();
+    return this.#rot.deletePolicy(scope, targetId);
+  }
+
   insertVolume(v: VolumeRecord): void {
     this.#assertInUnit();
     if (typeof v.sizeBytes !== 'bigint' || v.sizeBytes < 0n || v.sizeBytes > MAX_INT64) {
@@ -839,6 +920,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     // Explicit deletes (the foreign keys cascade too): links, then the sealed secrets,
     // which secure_delete overwrites in the file, then the volume.
     this.#s.deleteVolumeLinks.run(id);
+    this.#rot.deletePolicy('volume', id);
     if (this.#s.deleteVolumeKeys.run(id).changes > 0) this.#shredPending = true;
     if (this.#s.deleteVolume.run(id).changes === 0) throw errors.notFound('volume');
   }
@@ -884,6 +966,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
   deleteGuest(id: string): void {
     this.#assertInUnit();
     this.#s.deleteGuestLinks.run(id);
+    this.#rot.deletePolicy('guest', id);
     if (this.#s.deleteGuest.run(id).changes === 0) throw errors.notFound('guest');
   }
 
@@ -1009,6 +1092,34 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
   setSetting(key: string, value: string): void {
     this.#assertInUnit();
     this.#s.setSetting.run(key, value);
+  }
+
+  rewrapSealedSecrets(rewrap: (volumeId: string, version: number, sealed: Uint8Array) => Uint8Array | undefined): number {
+    this.#assertInUnit();
+    // Pages by primary key: better-sqlite3 cannot update while a SELECT iterates.
+    const page = this.#db.prepare<[string, number], { volume_id: string; version: number; sealed: Buffer }>(
+      `SELECT volume_id, version, sealed FROM key_versions
+        WHERE sealed IS NOT NULL AND (volume_id, version) > (?, ?) ORDER BY volume_id, version LIMIT 1000`,
+    );
+    const update = this.#db.prepare<[Buffer, string, number]>('UPDATE key_versions SET sealed = ? WHERE volume_id = ? AND version = ?');
+    let after: [string, number] = ['', 0];
+    let count = 0;
+    for (;;) {
+      const rows = page.all(...after);
+      if (rows.length === 0) break;
+      for (const r of rows) {
+        const next = rewrap(r.volume_id, Number(r.version), bytes(r.sealed));
+        if (next !== undefined) {
+          update.run(blob(next), r.volume_id, r.version);
+          count++;
+        }
+      }
+      const last = rows[rows.length - 1]!;
+      after = [last.volume_id, Number(last.version)];
+    }
+    // The old envelopes were overwritten in place (secure_delete); fold the WAL after COMMIT.
+    if (count > 0) this.#shredPending = true;
+    return count;
   }
 
   // ----- group commit ------------------------------------------------------------------

@@ -69,7 +69,7 @@ export function badToken(): DomainError {
 }
 
 /** Opaque page token: base64url of the JSON array [kind, lastKey]. */
-export function encodePageToken(kind: TokenKind, key: string | number): string {
+export function encodePageToken(kind: TokenKind, key: string | number | readonly string[]): string {
   return Buffer.from(JSON.stringify([kind, key]), 'utf8').toString('base64url');
 }
 

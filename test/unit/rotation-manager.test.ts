@@ -1,0 +1,245 @@
+/**
+ * The server's rotation logic over a real (in-memory) SQLite store and a real key vault:
+ * queueing, dispatch with the per-host limit, a host's confirmation and failure, stale
+ * reports, grace periods and compromise, policies (age, after a move), and that the store
+ * holds every key that might open an image at every step.
+ */
+import anyTest, { type TestFn } from 'ava';
+import { loadSodium } from '../../shared/src/sodium.js';
+import { generateWrappingKey, open, seal, volumeSecretAad } from '../../shared/src/envelope.js';
+import { DomainError } from '../../shared/src/errors.js';
+import { silentLogger } from '../../shared/src/log.js';
+import type { GuestRecord, HostRecord, VolumeRecord } from '../../server/src/domain/model.js';
+import { createRotationManager, effectivePolicy, type RotationManager, type RotationStatusInput } from '../../server/src/rotation/rotation-manager.js';
+import { openSqliteStore, type SqliteStore } from '../../server/src/store/sqlite-store.js';
+import { createKeyVault } from '../../server/src/vault/key-vault.js';
+
+interface Ctx {
+  store: SqliteStore;
+  manager: RotationManager;
+  clock: { t: number; now: () => Date };
+  notified: string[];
+  master: ReturnType<typeof generateWrappingKey>;
+}
+const test = anyTest as TestFn<Ctx>;
+
+const T0 = Date.parse('2026-01-01T00:00:00.000Z');
+const iso = (ms: number) => new Date(ms).toISOString();
+
+test.before(async () => {
+  await loadSodium();
+});
+
+test.beforeEach(async (t) => {
+  const store = openSqliteStore({ path: ':memory:' });
+  const master = generateWrappingKey();
+  const vault = createKeyVault({ id: master.id.slice(), bytes: master.bytes.slice() });
+  const clock = { t: T0, now: () => new Date(clock.t) };
+  const notified: string[] = [];
+  const manager = createRotationManager({
+    store,
+    vault,
+    clock,
+    notifier: { hostsChanged: (ids) => void notified.push(...[...ids].filter((x): x is string => typeof x === 'string')) },
+    logger: silentLogger,
+    settings: { maxPerHost: 2, graceSeconds: 3600 },
+  });
+  t.context = { store, manager, clock, notified, master };
+  await store.write((tx) => {
+    for (const h of ['h1', 'h2']) {
+      const host: HostRecord = { id: h, name: `host-${h}`, state: 'enrolled', boxPublicKey: new Uint8Array(32), certSerial: `s-${h}`, enrolledAt: iso(T0), revokedAt: null, lastSeenAt: null, desiredRevision: 0 };
+      tx.insertHost(host);
+    }
+  });
+});
+
+test.afterEach.always(async (t) => {
+  await t.context.store.close();
+});
+
+/** Volumes v1..vn (materialized) used by guest g on host h1. */
+async function setup(t: { context: Ctx }, n: number, opts: { materialized?: boolean; hostId?: string | null } = {}): Promise<VolumeRecord[]> {
+  const { store, master } = t.context;
+  const vols: VolumeRecord[] = [];
+  await store.write((tx) => {
+    for (let i = 1; i <= n; i++) {
+      const v: VolumeRecord = { id: `v${i}`, name: `vol${i}`, sizeBytes: 1n << 30n, format: 'qcow2-luks', cipher: 'aes-xts-plain64', keySizeBits: 512, sectorSize: 512, activeVersion: 1, createdAt: iso(T0) };
+      tx.insertVolume(v);
+      // A sealed secret made under the same master key as the vault's.
+      const secret = new Uint8Array(32).fill(i);
+      tx.insertKeyVersion({ volumeId: v.id, version: 1, state: 'active', sealed: sealWith(master, secret, v.id, 1), createdAt: iso(T0) });
+      vols.push(v);
+    }
+    const g: GuestRecord = { id: 'g', name: 'guest', domainXml: '<domain/>', hostId: opts.hostId === undefined ? 'h1' : opts.hostId, autostart: true, createdAt: iso(T0), updatedAt: iso(T0), generation: 1, volumeIds: vols.map((v) => v.id), handoffFromHostId: null };
+    tx.upsertGuest(g);
+    if (opts.materialized !== false) tx.markMaterialized(vols.map((v) => v.id), iso(T0));
+  });
+  return vols;
+}
+
+function sealWith(m: ReturnType<typeof generateWrappingKey>, s: Uint8Array, id: string, v: number): Uint8Array {
+  return seal(s, m, volumeSecretAad(id, v));
+}
+
+const status = (r: { id: string; volumeId: string; toVersion: number }, phase: RotationStatusInput['phase'], extra: Partial<RotationStatusInput> = {}): RotationStatusInput => ({
+  rotationId: r.id,
+  volumeId: r.volumeId,
+  phase,
+  step: phase,
+  bytesDone: 0,
+  bytesTotal: 0,
+  bytesPerSecond: 0,
+  reason: '',
+  mechanism: 'qemu-img convert',
+  targetVersion: r.toVersion,
+  ...extra,
+});
+
+test('a manual rotation runs on the guest host, respects the per-host limit, and completes on confirmation', async (t) => {
+  const { store, manager } = t.context;
+  await setup(t, 3);
+  const { rotations, skipped } = await manager.start({ guest: 'g' }, 'reencrypt', '', 'admin:alice');
+  t.is(rotations.length, 3);
+  t.deepEqual(skipped, []);
+  const running = rotations.filter((r) => r.state === 'running');
+  const queued = rotations.filter((r) => r.state === 'queued');
+  t.is(running.length, 2, 'two per host');
+  t.is(queued.length, 1);
+  t.regex(queued[0]!.step, /host busy/);
+  const r1 = running[0]!;
+  t.is(r1.hostId, 'h1');
+  t.is(r1.toVersion, 2);
+  // The new version exists, pending, and both keys are in the store.
+  const kv = store.getKeyVersions(r1.volumeId);
+  t.deepEqual(kv.map((k) => [k.version, k.state]), [[1, 'active'], [2, 'pending']]);
+  // A second request for the same volume is skipped, not doubled.
+  const again = await manager.start({ volume: r1.volumeId }, 'rekey', 'manual', 'admin:alice');
+  t.deepEqual(again.skipped, [store.getVolume(r1.volumeId)!.name]);
+  t.is(again.rotations.length, 0);
+
+  // Progress, then done.
+  await manager.onHostStatuses('h1', [status(r1, 'running', { step: 'copying', bytesDone: 50, bytesTotal: 100, bytesPerSecond: 10 })]);
+  t.is(store.getRotation(r1.id)!.bytesDone, 50);
+  const gen = store.getGuest('g')!.generation;
+  await manager.onHostStatuses('h1', [status(r1, 'done')]);
+  const done = store.getRotation(r1.id)!;
+  t.is(done.state, 'done');
+  t.is(store.getVolume(r1.volumeId)!.activeVersion, 2);
+  const after = store.getKeyVersions(r1.volumeId);
+  t.deepEqual(after.map((k) => [k.version, k.state]), [[1, 'retired'], [2, 'active']]);
+  t.is(after[0]!.destroyAfter, iso(T0 + 3600_000), 'destroyed after the grace period');
+  t.not(after[0]!.sealed, null, 'kept during the grace period');
+  t.is(store.getGuest('g')!.generation, gen + 1, 'the guest is redefined with the new secret');
+  // The slot freed: the queued one started.
+  t.is(store.getRotation(queued[0]!.id)!.state, 'running');
+  // The new version's secret opens under the master key with its own AAD.
+  t.notThrows(() => open(after[1]!.sealed!, t.context.master, volumeSecretAad(r1.volumeId, 2)));
+
+  // Grace period over: the scheduler destroys the retired version.
+  t.context.clock.t = T0 + 3601_000;
+  await manager.tick();
+  const shredded = store.getKeyVersions(r1.volumeId)[0]!;
+  t.is(shredded.state, 'destroyed');
+  t.is(shredded.sealed, null);
+  t.true(store.listAuditEvents({ pageSize: 100, pageToken: '', action: 'key.destroy' }).items.length >= 1);
+});
+
+test('reports from another host, for another version, or for a finished rotation change nothing', async (t) => {
+  const { store, manager } = t.context;
+  await setup(t, 1);
+  const [r] = (await manager.start({ volume: 'v1' }, 'rekey', 'manual', 'admin:a')).rotations;
+  t.is(r!.state, 'running');
+  await manager.onHostStatuses('h2', [status(r!, 'done')]);
+  await manager.onHostStatuses('h1', [status({ ...r!, toVersion: 7 }, 'done')]);
+  t.is(store.getRotation(r!.id)!.state, 'running');
+  t.is(store.getVolume('v1')!.activeVersion, 1);
+  await manager.onHostStatuses('h1', [status(r!, 'done')]);
+  await manager.onHostStatuses('h1', [status(r!, 'failed', { reason: 'late' })]);
+  t.is(store.getRotation(r!.id)!.state, 'done', 'a late failure does not undo a confirmed rotation');
+});
+
+test('a failed rotation keeps the active key and retires the pending one after the grace period', async (t) => {
+  const { store, manager } = t.context;
+  await setup(t, 1);
+  const [r] = (await manager.start({ volume: 'vol1' }, 'reencrypt', 'manual', 'admin:a')).rotations;
+  await manager.onHostStatuses('h1', [status(r!, 'failed', { reason: 'not enough free space for the copy' })]);
+  const f = store.getRotation(r!.id)!;
+  t.is(f.state, 'failed');
+  t.is(f.error, 'not enough free space for the copy');
+  t.is(store.getVolume('v1')!.activeVersion, 1);
+  const kv = store.getKeyVersions('v1');
+  t.deepEqual(kv.map((k) => [k.version, k.state]), [[1, 'active'], [2, 'retired']]);
+  t.not(kv[1]!.sealed, null);
+  // A new rotation may start again and uses a fresh version number.
+  const [r2] = (await manager.start({ volume: 'v1' }, 'reencrypt', 'manual', 'admin:a')).rotations;
+  t.is(r2!.toVersion, 3);
+});
+
+test('compromise: first in line, re-encrypts, and the old key is destroyed as soon as the new one is confirmed', async (t) => {
+  const { store, manager } = t.context;
+  await setup(t, 3);
+  await manager.start({ volume: 'v1' }, 'rekey', 'manual', 'admin:a');
+  await manager.start({ volume: 'v2' }, 'rekey', 'manual', 'admin:a');
+  const [c] = (await manager.start({ volume: 'v3' }, 'reencrypt', 'compromise', 'admin:a')).rotations;
+  t.is(c!.state, 'queued', 'host busy');
+  t.is(c!.priority, 100);
+  const r1 = store.openRotationOfVolume('v1')!;
+  await manager.onHostStatuses('h1', [status(r1, 'done')]);
+  const started = store.getRotation(c!.id)!;
+  t.is(started.state, 'running');
+  await manager.onHostStatuses('h1', [status(started, 'done')]);
+  const kv = store.getKeyVersions('v3');
+  t.deepEqual(kv.map((k) => [k.version, k.state]), [[1, 'destroyed'], [2, 'active']]);
+  t.is(kv[0]!.sealed, null);
+});
+
+test('a volume whose image was never created switches versions at once; one without a host waits', async (t) => {
+  const { store, manager } = t.context;
+  await setup(t, 1, { materialized: false });
+  const [r] = (await manager.start({ volume: 'v1' }, 'rekey', 'manual', 'admin:a')).rotations;
+  t.is(r!.state, 'done');
+  t.is(r!.mechanism, 'none (no image yet)');
+  t.is(store.getVolume('v1')!.activeVersion, 2);
+
+  await store.write((tx) => tx.upsertGuest({ ...tx.getGuest('g')!, hostId: null }));
+  await store.write((tx) => tx.markMaterialized(['v1'], iso(T0)));
+  const [w] = (await manager.start({ volume: 'v1' }, 'rekey', 'manual', 'admin:a')).rotations;
+  t.is(w!.state, 'queued');
+  t.regex(w!.step, /no guest using the volume is placed/);
+});
+
+test('bad selections: unknown volume, guest or host', async (t) => {
+  const { manager } = t.context;
+  await setup(t, 1);
+  for (const target of [{ volume: 'nope' }, { guest: 'nope' }, { host: 'nope' }]) {
+    const err = await t.throwsAsync(manager.start(target as never, 'rekey', '', 'admin:a'), { instanceOf: DomainError });
+    t.is(err.kind, 'not_found');
+  }
+  const err = await t.throwsAsync(manager.start({ all: true }, 'rekey', 'x'.repeat(201), 'admin:a'), { instanceOf: DomainError });
+  t.is(err.kind, 'invalid_argument');
+});
+
+test('policies: keys older than the effective maximum age are rotated by the scheduler; a move queues a re-encryption', async (t) => {
+  const { store, manager, clock } = t.context;
+  await setup(t, 2);
+  await store.write((tx) => {
+    tx.upsertPolicy({ scope: 'global', targetId: '', maxKeyAgeSeconds: 86400, kind: 'rekey', reencryptAfterMoveSeconds: 0, updatedAt: iso(T0) });
+    tx.upsertPolicy({ scope: 'volume', targetId: 'v2', maxKeyAgeSeconds: 0, kind: 'rekey', reencryptAfterMoveSeconds: 3600, updatedAt: iso(T0) });
+  });
+  t.is(effectivePolicy(store, 'v2')!.maxKeyAgeSeconds, 0, 'the volume policy wins over the global one');
+  clock.t = T0 + 86400_000 - 1000;
+  await manager.tick();
+  t.is(store.openRotationOfVolume('v1'), undefined, 'not yet due');
+  clock.t = T0 + 86400_000 + 1000;
+  await manager.tick();
+  const r = store.openRotationOfVolume('v1')!;
+  t.is(r.reason, 'scheduled');
+  t.is(r.kind, 'rekey');
+  t.is(store.openRotationOfVolume('v2'), undefined, 'no age limit for v2');
+
+  await manager.onMoveComplete('g');
+  const m = store.openRotationOfVolume('v2')!;
+  t.is(m.kind, 'reencrypt');
+  t.is(m.reason, 'move');
+  t.is(m.dueAt, iso(clock.t + 3600_000));
+});
