@@ -135,3 +135,12 @@ export {
   VerifyAuditLogRequest,
   VerifyAuditLogResponse,
 } from './gen/virtkm/v1/audit_service.js';
+export {
+  UnsealServiceClient,
+  UnsealServiceService,
+  type UnsealServiceServer,
+  SubmitShareRequest,
+  SubmitShareResponse,
+  UnsealStatusRequest,
+  UnsealStatusResponse,
+} from './gen/virtkm/v1/unseal_service.js';

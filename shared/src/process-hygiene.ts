@@ -1,22 +1,30 @@
 /**
  * Process hygiene for processes that hold keys (the server and the host agent).
  *
- * What it does: prctl(PR_SET_DUMPABLE, 0) through libc (koffi FFI). A non-dumpable process
- * writes no core dump on a crash (unless fs.suid_dumpable=2, where the dump is root-only),
- * and other processes of the same user can neither ptrace it nor read /proc/<pid>/mem.
+ * What it does:
+ * - prctl(PR_SET_DUMPABLE, 0) through libc (koffi FFI). A non-dumpable process writes no
+ *   core dump on a crash (unless fs.suid_dumpable=2, where the dump is root-only), and other
+ *   processes of the same user without CAP_SYS_PTRACE can neither ptrace it nor read its
+ *   /proc/<pid>/mem or environ.
+ * - Locks the memory that holds keys: enableLockedMemory() (shared/src/locked-memory.ts)
+ *   maps an mlock'ed, MADV_DONTDUMP arena outside the V8 heap, and secret-bytes'
+ *   ownedCopy()/randomSecret() allocate from it from then on. VmLck is then > 0 (1 MiB per
+ *   arena chunk).
  *
  * What it deliberately does NOT do: mlockall(). Locking memory is incompatible with V8 in
- * Node 20 (V8 11.3). When V8 releases heap pages it calls madvise(MADV_DONTNEED) and treats
- * failure as fatal ("Check failed: 0 == ret" in v8::base::OS::SetPermissions), and the
- * kernel refuses MADV_DONTNEED on locked pages with EINVAL. With any of MCL_CURRENT,
- * MCL_FUTURE or MCL_ONFAULT the process dies with SIGTRAP at the first GC that frees pages
- * (observed here with mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT) followed by 200 MB of
- * allocation; test/unit/process-hygiene.test.ts keeps a probe of it). So secrets may reach
- * swap if the machine swaps: run the service without swap, with encrypted swap, or with
- * systemd's MemorySwapMax=0 (cgroup v2 memory.swap.max). hardenProcess() reports whether
- * swap can reach this process.
+ * Node 20 (V8 11.3). When V8 releases heap pages it calls mprotect(PROT_NONE) and then
+ * madvise(MADV_DONTNEED), and treats a failing madvise as fatal ("Check failed: 0 == ret" in
+ * v8::base::OS::SetPermissions); the kernel refuses MADV_DONTNEED on locked pages with
+ * EINVAL. With any of MCL_CURRENT, MCL_FUTURE or MCL_ONFAULT (and with --single-threaded-gc,
+ * --no-memory-reducer, locking after startup, as root with CAP_IPC_LOCK so RLIMIT_MEMLOCK
+ * plays no part) the process dies with SIGTRAP at the first GC that frees pages;
+ * test/unit/process-hygiene.test.ts keeps a probe of it. So copies of secrets that pass
+ * through the V8 heap or other native buffers may reach swap if the machine swaps: run the
+ * service without swap, with encrypted swap, or with systemd's MemorySwapMax=0 (cgroup v2
+ * memory.swap.max). hardenProcess() reports whether swap can reach this process.
  */
 import { readFileSync } from 'node:fs';
+import { enableLockedMemory } from './locked-memory.js';
 import type { Logger } from './log.js';
 
 /** prctl option: read the dumpable flag. */
@@ -34,8 +42,12 @@ export const MCL_ONFAULT = 4;
 export interface HardeningResult {
   /** Whether the process is still dumpable afterwards (false = hardened). */
   dumpable: boolean;
-  /** Whether memory is locked against swapping; always false (see module comment). */
+  /** Whether all of the process's memory is locked (mlockall); always false (see module comment). */
   memoryLocked: boolean;
+  /** Whether the locked arena for keys is in use (secret-bytes allocates from it). */
+  secretsLocked: boolean;
+  /** Bytes of the locked arena right after hardening (VmLck is at least this). */
+  lockedBytes: number;
   /** True when swap is on and not disabled for this process's cgroup. */
   swapPossible: boolean;
 }
@@ -113,10 +125,11 @@ export function readHygieneStatus(): HygieneStatus {
 }
 
 /**
- * Hardens the current process: makes it non-dumpable (prctl PR_SET_DUMPABLE 0). Never
- * throws: a failure is a warning in the log and shows in the result. Memory is not locked
- * (see module comment); when swap can reach the process that is logged as a warning with
- * what to do about it. Call it early, before any secret is loaded.
+ * Hardens the current process: makes it non-dumpable (prctl PR_SET_DUMPABLE 0) and locks the
+ * arena that secret-bytes allocates keys from. Never throws: a failure is a warning in the
+ * log and shows in the result. The rest of memory is not locked (see module comment); when
+ * swap can reach the process that is logged as a warning with what to do about it. Call it
+ * early, before any secret is loaded.
  */
 export function hardenProcess(logger: Logger): HardeningResult {
   let dumpable = true;
@@ -128,13 +141,20 @@ export function hardenProcess(logger: Logger): HardeningResult {
     dumpable = readHygieneStatus().dumpable !== 0;
   }
 
+  const arena = enableLockedMemory();
+  if (arena.enabled) {
+    logger.debug('keys are kept in locked memory', { locked_bytes: arena.lockedBytes });
+  } else {
+    logger.warn('keys cannot be kept in locked memory; they stay in ordinary memory', { reason: arena.reason ?? 'unknown' });
+  }
+
   const swapPossible = swapReachesProcess();
   if (swapPossible) {
-    logger.warn('memory is not locked (mlockall is incompatible with V8) and swap is active: secrets may be written to swap', {
+    logger.warn('swap is active: keys are in locked memory, but transient copies of secrets in the rest of the process (mlockall is incompatible with V8) may be written to swap', {
       hint: 'disable swap, use encrypted swap, or run the service with MemorySwapMax=0',
     });
   } else {
-    logger.debug('memory is not locked (mlockall is incompatible with V8); swap cannot reach this process');
+    logger.debug('the process memory is not locked as a whole (mlockall is incompatible with V8); swap cannot reach this process');
   }
-  return { dumpable, memoryLocked: false, swapPossible };
+  return { dumpable, memoryLocked: false, secretsLocked: arena.enabled, lockedBytes: arena.lockedBytes, swapPossible };
 }

@@ -51,6 +51,17 @@ export interface RunToolOptions {
   killGraceMs?: number;
   /** Debian package named in the hint when the binary is missing (default from TOOL_PACKAGES). */
   debianPackage?: string;
+  /**
+   * Captures stdout as bytes (ToolResult.stdoutBytes) instead of text, for tools that print
+   * a secret (tpm2_unseal): no string copy is made, the chunks read are zeroed once copied,
+   * and the caller owns and wipes stdoutBytes. `stdout` is then ''.
+   */
+  binaryStdout?: boolean;
+  /**
+   * Called with every chunk of stdout as it arrives (progress lines of long runs, e.g.
+   * `cryptsetup reencrypt --progress-json`); the chunk is captured as usual as well.
+   */
+  onStdout?: (chunk: Buffer) => void;
 }
 
 /** What a finished tool run produced. */
@@ -63,6 +74,8 @@ export interface ToolResult {
   stderr: string;
   /** True when stdout or stderr was longer than maxOutputBytes and was cut. */
   truncated: boolean;
+  /** With binaryStdout: the captured stdout bytes, in a buffer of their own (the caller wipes it). */
+  stdoutBytes?: Buffer;
 }
 
 /** The signature of runTool, for dependency injection (fakes in tests). */
@@ -170,6 +183,32 @@ class BoundedSink {
   text(): string {
     return Buffer.concat(this.chunks).toString('utf8');
   }
+
+  /** The kept bytes in one unpooled buffer; every chunk read is zeroed (secret output). */
+  bytes(): Buffer {
+    const out = Buffer.allocUnsafeSlow(this.kept);
+    let offset = 0;
+    for (const c of this.chunks) {
+      out.set(c, offset);
+      offset += c.length;
+    }
+    this.wipeChunks();
+    return out;
+  }
+
+  /** Zeroes the chunks kept so far. */
+  wipeChunks(): void {
+    for (const c of this.chunks) c.fill(0);
+    this.chunks.length = 0;
+    this.kept = 0;
+  }
+}
+
+/** A copy of a chunk in memory of its own (not a view of Node's buffer pool). */
+function ownedChunk(c: Buffer): Buffer {
+  const copy = Buffer.allocUnsafeSlow(c.length);
+  copy.set(c);
+  return copy;
 }
 
 function signalNumber(signal: NodeJS.Signals): number {
@@ -213,7 +252,16 @@ export async function runTool(file: string, args: readonly string[], options: Ru
 
   const out = new BoundedSink(maxOutput);
   const err = new BoundedSink(maxOutput);
-  child.stdout?.on('data', (c: Buffer) => out.push(c));
+  child.stdout?.on('data', (c: Buffer) => {
+    // Binary (secret) output: kept in a copy of our own, and the chunk read is zeroed.
+    out.push(options.binaryStdout ? ownedChunk(c) : c);
+    try {
+      options.onStdout?.(c);
+    } catch {
+      // A failing progress consumer must not stop the tool or leak an exception.
+    }
+    if (options.binaryStdout) c.fill(0);
+  });
   child.stderr?.on('data', (c: Buffer) => err.push(c));
   if (child.stdin && options.stdin) {
     // A child that exits without reading its stdin makes the write fail with EPIPE: fine.
@@ -263,8 +311,18 @@ export async function runTool(file: string, args: readonly string[], options: Ru
       });
     });
     await Promise.all(writes);
-    if ('spawnError' in ended) throw spawnFailure(tool, ended.spawnError, options.debianPackage);
-    if (stopReason) throw stopReason;
+    if ('spawnError' in ended) {
+      if (options.binaryStdout) out.wipeChunks();
+      throw spawnFailure(tool, ended.spawnError, options.debianPackage);
+    }
+    if (stopReason) {
+      if (options.binaryStdout) out.wipeChunks();
+      throw stopReason;
+    }
+    if (options.binaryStdout) {
+      const truncated = out.truncated || err.truncated;
+      return { code: ended.code, stdout: '', stderr: err.text(), truncated, stdoutBytes: out.bytes() };
+    }
     return { code: ended.code, stdout: out.text(), stderr: err.text(), truncated: out.truncated || err.truncated };
   } finally {
     if (timeoutTimer) clearTimeout(timeoutTimer);

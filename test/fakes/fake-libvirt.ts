@@ -2,13 +2,16 @@
  * An in-memory Libvirt for unit tests of the reconciler. It keeps the behaviour the
  * reconciler relies on: secrets must be defined before a value is set, a domain starts only
  * if every encrypted disk's secret exists and holds the image's key, destroy/undefine of
- * unknown names is not_found. test/integration/libvirt-adapter.test.ts checks the same
+ * unknown names is not_found. Block copies: a running domain's disks are read from its
+ * XML at start; a copy advances a quarter of the disk per blockJob call, is ready when
+ * done, and a pivot switches the live disk (and, as libvirt 9 does, the persistent
+ * definition) to the destination. test/integration/libvirt-adapter.test.ts checks the same
  * behaviour against the real libvirtd.
  */
 import { DomainError } from '../../shared/src/errors.js';
-import { parseVirtkmMarker } from '../../host-agent/src/libvirt/xml.js';
+import { parseDomainDisks, parseVirtkmMarker } from '../../host-agent/src/libvirt/xml.js';
 import { isPassphraseUtf8 } from '../../host-agent/src/libvirt/secret-value.js';
-import type { DomainInfo, DomainState, Libvirt, SecretInfo } from '../../host-agent/src/libvirt/ports.js';
+import type { BlockJobInfo, DomainDisk, DomainInfo, DomainState, Libvirt, SecretInfo } from '../../host-agent/src/libvirt/ports.js';
 
 /** The fake and what tests inspect. */
 export interface FakeLibvirt extends Libvirt {
@@ -17,7 +20,14 @@ export interface FakeLibvirt extends Libvirt {
   states: Map<string, DomainState>;
   /** Image path -> the passphrase that opens it, consulted at start. */
   imageKeys: Map<string, Buffer>;
+  /** Live disks of running domains (domain -> target -> disk), set at start. */
+  liveDisks: Map<string, Map<string, DomainDisk>>;
+  /** Block jobs of running domains (`domain/target` -> job). */
+  blockJobs: Map<string, BlockJobInfo & { dest: { path: string | undefined; secretUuid: string | undefined } }>;
 }
+
+/** Size the fake pretends every disk has, for block job progress. */
+const FAKE_DISK_BYTES = 64n * 1024n * 1024n;
 
 export function createFakeLibvirt(): FakeLibvirt {
   const secretMeta = new Map<string, SecretInfo>();
@@ -25,12 +35,24 @@ export function createFakeLibvirt(): FakeLibvirt {
   const domainXml = new Map<string, string>();
   const states = new Map<string, DomainState>();
   const imageKeys = new Map<string, Buffer>();
+  const liveDisks = new Map<string, Map<string, DomainDisk>>();
+  const blockJobs: FakeLibvirt['blockJobs'] = new Map();
+  const running = (name: string): boolean => states.get(name) === 'running' || states.get(name) === 'paused';
+  const liveDisk = (name: string, target: string): DomainDisk => {
+    if (!domainXml.has(name)) throw notFound('domain');
+    if (!running(name)) throw new DomainError('failed_precondition', 'domain is not running');
+    const disk = liveDisks.get(name)?.get(target);
+    if (!disk) throw new DomainError('invalid_argument', `disk ${target} not found`);
+    return disk;
+  };
   const notFound = (what: string) => new DomainError('not_found', `${what} not found`);
   return {
     secretValues,
     domainXml,
     states,
     imageKeys,
+    liveDisks,
+    blockJobs,
     secrets: {
       async define(def) {
         secretMeta.set(def.uuid, { uuid: def.uuid, usageType: 'volume', usageId: `virtkm:${def.volumeId}`, volumeId: def.volumeId, description: def.description, private: true, ephemeral: true });
@@ -73,10 +95,13 @@ export function createFakeLibvirt(): FakeLibvirt {
           if (!value || !key || !value.equals(key)) throw new DomainError('failed_precondition', 'cannot unlock the disk: wrong key');
         }
         states.set(name, 'running');
+        liveDisks.set(name, new Map(parseDomainDisks(xml).map((d) => [d.target, d])));
       },
       async destroy(name) {
         if (states.get(name) !== 'running') throw new DomainError('failed_precondition', 'domain is not running');
         states.set(name, 'shutoff');
+        liveDisks.delete(name);
+        for (const key of [...blockJobs.keys()]) if (key.startsWith(`${name}/`)) blockJobs.delete(key);
       },
       async state(name) {
         return states.get(name);
@@ -88,6 +113,45 @@ export function createFakeLibvirt(): FakeLibvirt {
         const x = domainXml.get(name);
         if (!x) throw notFound('domain');
         return x;
+      },
+      async disk(name, target) {
+        if (!domainXml.has(name)) throw notFound('domain');
+        const live = liveDisks.get(name);
+        const disk = live ? live.get(target) : parseDomainDisks(domainXml.get(name) ?? '').find((d) => d.target === target);
+        if (!disk) return undefined;
+        const job = blockJobs.get(`${name}/${target}`);
+        return { ...disk, mirror: job && job.type === 'copy' ? { ...job.dest, ready: job.ready } : undefined };
+      },
+      async blockCopy(name, target, destXml, options) {
+        liveDisk(name, target);
+        if (blockJobs.has(`${name}/${target}`)) throw new DomainError('failed_precondition', 'disk has a block job');
+        if (!options.transientJob) throw new DomainError('failed_precondition', 'a copy of a persistent domain needs a transient job');
+        const dest = parseDomainDisks(`<domain><devices>${destXml.replace(/<disk([^>]*)>/, "<disk$1><target dev='x'/>")}</devices></domain>`)[0];
+        if (!dest?.sourcePath) throw new DomainError('invalid_argument', 'destination has no source file');
+        if (dest.secretUuid !== undefined && !secretValues.has(dest.secretUuid)) throw new DomainError('failed_precondition', "a disk's libvirt secret is missing or has no value");
+        blockJobs.set(`${name}/${target}`, { type: 'copy', cur: 0n, end: FAKE_DISK_BYTES, bandwidth: 0, ready: false, dest: { path: dest.sourcePath, secretUuid: dest.secretUuid } });
+      },
+      async blockJob(name, target) {
+        liveDisk(name, target);
+        const job = blockJobs.get(`${name}/${target}`);
+        if (!job) return undefined;
+        const snapshot = { type: job.type, cur: job.cur, end: job.end, bandwidth: job.bandwidth, ready: job.ready };
+        job.cur = job.cur + job.end / 4n >= job.end ? job.end : job.cur + job.end / 4n;
+        if (job.cur === job.end) job.ready = true;
+        return snapshot;
+      },
+      async blockJobAbort(name, target, options) {
+        const disk = liveDisk(name, target);
+        const key = `${name}/${target}`;
+        const job = blockJobs.get(key);
+        if (!job) throw new DomainError('failed_precondition', 'no active block job');
+        if (options.pivot) {
+          if (!job.ready) throw new DomainError('failed_precondition', 'block job is not ready');
+          liveDisks.get(name)?.set(target, { ...disk, sourcePath: job.dest.path, secretUuid: job.dest.secretUuid });
+          const xml = domainXml.get(name) ?? '';
+          if (disk.sourcePath && job.dest.path) domainXml.set(name, xml.split(disk.sourcePath).join(job.dest.path).split(disk.secretUuid ?? '\0').join(job.dest.secretUuid ?? ''));
+        }
+        blockJobs.delete(key);
       },
     },
     async close() {},

@@ -8,7 +8,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { GuestPhase, KeyPacket, VolumeFormat, VolumePhase, type DesiredGuest, type DesiredState } from '../../shared/src/api.js';
+import { GuestPhase, KeyPacket, RotationKind, RotationPhase, VolumeFormat, VolumePhase, type DesiredGuest, type DesiredState } from '../../shared/src/api.js';
 import { boxRecipient, generateBoxKeyPair, sealToRecipient, type BoxKeyPair } from '../../shared/src/box.js';
 import { generateWrappingKey } from '../../shared/src/envelope.js';
 import { silentLogger } from '../../shared/src/log.js';
@@ -307,4 +307,130 @@ test('dm-crypt: a mapping is open while its guest should run and closed once it 
   t.deepEqual(calls.map((c) => c.split(' ')[0]), ['open', 'close']);
   await reconcile(state(3n, []), deps);
   t.is(open.size, 0);
+});
+
+// --- Key rotation orders -------------------------------------------------------------------
+
+/** A sealed key packet of one version of a volume for this host. */
+function sealedPacket(t: { context: Ctx }, volumeId: string, keyVersion: number, secret: Buffer) {
+  const packet = KeyPacket.encode({ type: 'virtkm.keypacket.v1', volumeId, keyVersion, hostId: t.context.hostId, mechanism: VolumeFormat.VOLUME_FORMAT_LUKS, cipher: undefined, sizeBytes: 1n << 30n, secret, issuedAt: '' }).finish();
+  return { volumeId, keyVersion, sealed: Buffer.from(sealToRecipient(packet, boxRecipient(t.context.box.publicKey))) };
+}
+
+/** A fake mechanism that changes the fake image's key when `finish` is called. */
+function fakeMechanism(t: { context: Ctx }, name: string) {
+  const calls: { rotationId: string; newKey: Buffer }[] = [];
+  let release: (() => void) | undefined;
+  let failWith: Error | undefined;
+  const mechanism = {
+    name,
+    async run(job: { rotationId: string; target: { path: string }; newKey?: Uint8Array }, hooks?: { onProgress?: (p: { step: string; bytesDone: bigint; bytesTotal: bigint; bytesPerSecond: number }) => void }) {
+      calls.push({ rotationId: job.rotationId, newKey: Buffer.from(job.newKey!) });
+      hooks?.onProgress?.({ step: 'copying', bytesDone: 1n, bytesTotal: 4n, bytesPerSecond: 10 });
+      await new Promise<void>((r) => (release = r));
+      if (failWith) throw failWith;
+      const f = t.context.images.files.get(job.target.path)!;
+      f.key = Buffer.from(job.newKey!);
+      t.context.libvirt.imageKeys.set(job.target.path, luksPassphrase(job.newKey!));
+      return { opensWith: 'new' as const, verified: true, bytesRewritten: 4n };
+    },
+  };
+  return {
+    mechanism,
+    calls,
+    finish: () => release?.(),
+    fail: (e: Error) => {
+      failWith = e;
+      release?.();
+    },
+  };
+}
+
+async function withDriver(t: { context: Ctx }) {
+  const { createRotationDriver } = await import('../../host-agent/src/rotate/driver.js');
+  const live = fakeMechanism(t, 'live');
+  const convert = fakeMechanism(t, 'convert');
+  const other = fakeMechanism(t, 'other');
+  const changes: number[] = [];
+  const progress: unknown[] = [];
+  const driver = createRotationDriver({
+    mechanisms: { liveCopy: live.mechanism, qemuConvert: convert.mechanism, qemuRekey: other.mechanism, luks2Rekey: other.mechanism, luks2Reencrypt: other.mechanism, plainReencrypt: other.mechanism } as never,
+    testKey: (spec, key) => t.context.images.testKey(spec.path, spec, key),
+    onChange: () => changes.push(1),
+    onProgress: (s) => progress.push(...s),
+    logger: silentLogger,
+    progressIntervalMs: 1,
+    retryDelayMs: 0,
+  });
+  t.context.deps = { ...t.context.deps, rotations: driver };
+  return { driver, live, convert, changes, progress };
+}
+
+const tick = () => new Promise((r) => setTimeout(r, 20));
+
+test('a live rotation of a running guest: the job owns the disk and its secret until done; then the new version is used and both keys are cached until the server confirms', async (t) => {
+  const { live, changes, progress } = await withDriver(t);
+  const oldKey = randomBytes(32);
+  const newKey = randomBytes(32);
+  const g = guest(t, { secret: oldKey });
+  const vid = g.volumes[0]!.volumeId;
+  const r0 = await reconcile(state(1n, [g]), t.context.deps);
+  t.is(r0.guests[0]!.phase, GuestPhase.GUEST_PHASE_RUNNING);
+  const xmlBefore = t.context.libvirt.domainXml.get(g.name)!;
+
+  const ordered: DesiredGuest = { ...g, volumes: [{ ...g.volumes[0]!, rotation: { rotationId: 'rot-1', kind: RotationKind.ROTATION_KIND_REENCRYPT, targetVersion: 2, targetPacket: sealedPacket(t, vid, 2, newKey) } }] };
+  const r1 = await reconcile(state(2n, [ordered]), t.context.deps);
+  t.is(live.calls.length, 1, 'a running guest gets the live mechanism');
+  t.true(live.calls[0]!.newKey.equals(newKey));
+  t.is(r1.rotations[0]!.phase, RotationPhase.ROTATION_PHASE_RUNNING);
+  t.is(r1.guests[0]!.phase, GuestPhase.GUEST_PHASE_RUNNING, 'the guest keeps running');
+  t.is(t.context.libvirt.domainXml.get(g.name), xmlBefore, 'the domain is left alone while the copy runs');
+  await tick();
+  t.true(progress.length > 0, 'progress is pushed between reports');
+
+  live.finish();
+  await tick();
+  t.true(changes.length > 0, 'a finished job asks for a new pass');
+  const r2 = await reconcile(state(2n, [ordered]), t.context.deps);
+  t.is(r2.rotations[0]!.phase, RotationPhase.ROTATION_PHASE_DONE);
+  t.is(r2.volumes[0]!.keyVersion, 2);
+  t.is(r2.volumes[0]!.phase, VolumePhase.VOLUME_PHASE_READY);
+  t.is(r2.guests[0]!.phase, GuestPhase.GUEST_PHASE_RUNNING);
+  const xmlAfter = t.context.libvirt.domainXml.get(g.name)!;
+  t.not(xmlAfter, xmlBefore, 'the definition names the new version secret');
+  t.true([...t.context.libvirt.secretValues.values()].some((v) => v.equals(luksPassphrase(newKey))));
+  t.truthy(t.context.cache.get(vid, 1), 'the old key stays cached until the server confirms');
+  t.truthy(t.context.cache.get(vid, 2));
+  t.is(live.calls.length, 1, 'a done job is not run again');
+
+  // The server confirmed: version 2 is active, no order.
+  const confirmed: DesiredGuest = { ...g, generation: 2n, volumes: [{ ...g.volumes[0]!, keyVersion: 2, packet: sealedPacket(t, vid, 2, newKey), rotation: undefined }] };
+  const r3 = await reconcile(state(3n, [confirmed]), t.context.deps);
+  t.is(r3.volumes[0]!.phase, VolumePhase.VOLUME_PHASE_READY);
+  t.deepEqual(r3.rotations, []);
+  t.is(t.context.cache.get(vid, 1), undefined, 'the old key left the cache');
+});
+
+test('an offline rotation keeps a stopped guest stopped until it ends; a failure keeps the old key in use and is reported', async (t) => {
+  const { convert } = await withDriver(t);
+  const oldKey = randomBytes(32);
+  const g = guest(t, { secret: oldKey, run: false });
+  const vid = g.volumes[0]!.volumeId;
+  await reconcile(state(1n, [g]), t.context.deps);
+  const order = (id: string, v: number) => ({ rotationId: id, kind: RotationKind.ROTATION_KIND_REENCRYPT, targetVersion: v, targetPacket: sealedPacket(t, vid, v, randomBytes(32)) });
+  const running: DesiredGuest = { ...g, run: true, volumes: [{ ...g.volumes[0]!, rotation: order('rot-2', 2) }] };
+  const r1 = await reconcile(state(2n, [running]), t.context.deps);
+  t.is(convert.calls.length, 1, 'a stopped guest gets the offline mechanism');
+  t.is(r1.guests[0]!.phase, GuestPhase.GUEST_PHASE_PENDING, r1.guests[0]!.reason);
+  t.regex(r1.guests[0]!.reason, /key rotation in progress/);
+  t.not(await t.context.libvirt.domains.state(g.name), 'running');
+
+  const { errors } = await import('../../shared/src/errors.js');
+  convert.fail(errors.tooLarge('not enough free space for the copy'));
+  await tick();
+  const r2 = await reconcile(state(2n, [running]), t.context.deps);
+  t.is(r2.rotations[0]!.phase, RotationPhase.ROTATION_PHASE_FAILED);
+  t.regex(r2.rotations[0]!.reason, /free space/);
+  t.is(r2.volumes[0]!.keyVersion, 1);
+  t.is(r2.guests[0]!.phase, GuestPhase.GUEST_PHASE_RUNNING, 'the guest starts with the old key');
 });

@@ -7,7 +7,7 @@
  * cached desired state brings autostart guests up even if the server is unreachable.
  */
 import { Metadata, type ClientDuplexStream } from '@grpc/grpc-js';
-import { AgentServiceClient, DesiredState, GuestPhase, type ConnectRequest, type ConnectResponse, type HostReport } from '../../../shared/src/api.js';
+import { AgentServiceClient, DesiredState, GuestPhase, type ConnectRequest, type ConnectResponse, type HostReport, type RotationStatus } from '../../../shared/src/api.js';
 import { CLIENT_CHANNEL_OPTIONS, channelCredentials, type ClientTlsMaterial } from '../../../shared/src/grpc-client.js';
 import { describeError, type Logger } from '../../../shared/src/log.js';
 import { reconcile, type ReconcilerDeps } from '../reconcile/reconciler.js';
@@ -34,6 +34,10 @@ export interface AgentDaemon {
   state(): DaemonState;
   /** Resolves after the first reconcile (offline from the cache, or online). */
   started: Promise<void>;
+  /** Applies the newest desired state again soon (a rotation job ended). */
+  reapply(): void;
+  /** Sends rotation progress to the server (between reports). */
+  sendProgress(statuses: RotationStatus[]): void;
   stop(): Promise<void>;
 }
 
@@ -134,6 +138,15 @@ export function startAgentDaemon(o: DaemonOptions): AgentDaemon {
   return {
     state: () => state,
     started,
+    reapply() {
+      if (latest && !pending && state === 'running') {
+        pending = latest;
+        kick();
+      }
+    },
+    sendProgress(statuses) {
+      if (stream && state === 'running') stream.write({ msg: { $case: 'progress', value: { rotations: statuses } } });
+    },
     async stop() {
       if (state === 'stopped') return;
       state = 'draining';

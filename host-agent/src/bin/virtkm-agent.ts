@@ -24,6 +24,11 @@ program
   .option('--token-file <file>', 'file holding the token')
   .option('--token <token>', 'the token (visible in ps while enrolling; prefer --token-file)')
   .requiredOption('--state-dir <dir>', 'state directory (created, 0700)')
+  .option('--host-key-sealer <kind>', 'how the host key (it seals the key cache) is protected: file (default), tpm2 or pkcs11')
+  .option('--pkcs11-uri <uri>', 'pkcs11: the token key (RFC 7512 URI with module-path; created when missing)')
+  .option('--pin-file <file>', "pkcs11: absolute path of a file (0600) holding the token's user PIN")
+  .option('--tpm-tcti <tcti>', 'tpm2: how to reach the TPM (default device:/dev/tpmrm0)')
+  .option('--tpm-pcrs <selection>', 'tpm2: bind the host key to the current values of these PCRs, e.g. sha256:0,7')
   .action(async (o) => {
     await enrollCommand(o, (f) => readFileSync(f, 'utf8'));
   });

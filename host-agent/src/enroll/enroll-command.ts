@@ -12,9 +12,10 @@ import { generateTlsKeyPair } from '../../../shared/src/pki.js';
 import { wipe } from '../../../shared/src/secret-bytes.js';
 import { loadSodium } from '../../../shared/src/sodium.js';
 import { agentStatePaths } from './state-dir.js';
+import { hostKeySealerSpec, sealNewHostKey, writeHostKeyRecord, type HostKeySealerOptions } from './host-key.js';
 
 /** Options of enroll. */
-export interface EnrollOptions {
+export interface EnrollOptions extends HostKeySealerOptions {
   server: string;
   /** File holding the token (the token is a credential: not in argv when avoidable). */
   tokenFile?: string;
@@ -31,6 +32,10 @@ export async function enrollCommand(o: EnrollOptions, readToken: (file: string) 
   const paths = agentStatePaths(resolve(o.stateDir));
   if (existsSync(paths.hostJson)) throw errors.alreadyExists(`state directory ${paths.dir} (enrolled)`, { hint: 'nothing was changed' });
   if (existsSync(paths.dir) && readdirSync(paths.dir).length > 0) throw errors.precondition(`${paths.dir} is not empty`, { hint: 'use a new or empty directory' });
+  // A TPM or token host key is sealed before the one-time token is spent: if the TPM or
+  // the token refuses, nothing has happened yet.
+  const sealerSpec = hostKeySealerSpec(o);
+  const sealedHostKey = sealerSpec ? await sealNewHostKey(sealerSpec) : undefined;
 
   const tls = await generateTlsKeyPair();
   const box = generateBoxKeyPair();
@@ -43,6 +48,7 @@ export async function enrollCommand(o: EnrollOptions, readToken: (file: string) 
     wipe(boxFile);
     writeFileSync(paths.cert, res.certificatePem, { mode: 0o644, flag: 'wx' });
     writeFileSync(paths.ca, res.caCertificatePem, { mode: 0o644, flag: 'wx' });
+    if (sealedHostKey) writeHostKeyRecord(paths, sealedHostKey);
     // host.json last: its presence means "enrolled".
     // `server` is the main listener the agent streams from (`run --server` overrides it).
     writeFileSync(paths.hostJson, JSON.stringify({ host_id: res.hostId, host: res.host, server: res.apiAddress, enroll_server: o.server }, null, 2) + '\n', { mode: 0o644, flag: 'wx' });

@@ -8,6 +8,8 @@
  *   DIR/ca.pem          the server's CA certificate (pinned by the enrollment token)
  *   DIR/host.json       {"host_id", "host", "server", "enroll_server"}: identity, where to connect
  *   DIR/cache.key       the host key sealing the key cache: 8-byte id || 32 bytes (0600)
+ *   DIR/host-key.json   instead of cache.key: the host key sealed by a TPM or a PKCS#11
+ *                       token (enroll --host-key-sealer; see host-key.ts)
  *   DIR/key-cache       the sealed key cache (0600), see cache/key-cache.ts
  */
 import { join } from 'node:path';
@@ -22,6 +24,7 @@ export interface AgentStatePaths {
   hostJson: string;
   cacheKey: string;
   cache: string;
+  hostKeyRecord: string;
 }
 
 /** The paths inside `dir`. */
@@ -35,5 +38,6 @@ export function agentStatePaths(dir: string): AgentStatePaths {
     hostJson: join(dir, 'host.json'),
     cacheKey: join(dir, 'cache.key'),
     cache: join(dir, 'key-cache'),
+    hostKeyRecord: join(dir, 'host-key.json'),
   };
 }

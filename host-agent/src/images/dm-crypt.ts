@@ -8,6 +8,16 @@
  *
  * Fail closed: a plain mapping is opened only over an image that inspects as raw, so a
  * LUKS or qcow2 image is never decrypted (and overwritten) as plain dm-crypt.
+ *
+ * Kernel keyring: given the description of a logon key that holds the volume key (the
+ * agent's keyring, shared/src/keyring.ts), a plain mapping is created with dmsetup and a
+ * table that names the key (`:<bytes>:logon:<description>`), so the key never passes
+ * through user space again: dmsetup runs in the agent's session keyring and the kernel
+ * finds the key there. cryptsetup 2.6 cannot do this itself: `open --type plain` takes key
+ * material only, and LUKS2's keyring token reads a *user* key (a passphrase readable from
+ * user space), so LUKS2 volumes still get their passphrase on stdin; cryptsetup then hands
+ * the derived volume key to dm-crypt through a logon key of its own (its default; the table
+ * never shows the key).
  */
 import { readFile, readdir, realpath, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -34,11 +44,16 @@ export interface DmCryptMapperOptions {
   procMisc?: string;
   /** Time limit of each cryptsetup run (default 60 s). */
   toolTimeoutMs?: number;
+  /** Paths of dmsetup and losetup (default: looked up in runTool's fixed PATH). */
+  dmsetup?: string;
+  losetup?: string;
 }
 
 /** Every mapping virtkm opens is named with this prefix, and only those are listed. */
 export const MAPPING_PREFIX = 'virtkm-';
 const NAME_RE = /^virtkm-[A-Za-z0-9._-]{1,120}$/;
+/** A logon key description ("service:rest") of characters that are safe in a dm table. */
+const KEY_DESCRIPTION_RE = /^[A-Za-z0-9._-]{1,64}:[A-Za-z0-9._:-]{1,200}$/;
 
 /** The reason dm-crypt cannot be used, for messages and test skips. */
 export const NO_DEVICE_MAPPER = 'no device-mapper in this kernel (dm_mod is not loaded or not built; try modprobe dm_mod)';
@@ -67,6 +82,8 @@ export function createDmCryptMapper(options: DmCryptMapperOptions = {}): DmCrypt
   const procMisc = options.procMisc ?? '/proc/misc';
   const sysModuleDir = options.sysModuleDir ?? '/sys/module';
   const timeoutMs = options.toolTimeoutMs ?? 60_000;
+  const dmsetup = options.dmsetup ?? 'dmsetup';
+  const losetup = options.losetup ?? 'losetup';
 
   async function unavailableReason(): Promise<string | undefined> {
     // The kernel lists its misc device once dm-mod is loaded or built in. Not
@@ -118,9 +135,52 @@ export function createDmCryptMapper(options: DmCryptMapperOptions = {}): DmCrypt
     if (reason) throw new DomainError('unavailable', 'dm-crypt is not available on this host', { hint: reason });
   }
 
-  async function open(spec: ImageSpec, name: string, secret: Uint8Array): Promise<string> {
+  /**
+   * A plain mapping whose table names the logon key `keyDescription` instead of holding the
+   * key. Same table as `cryptsetup open --type plain` with no offset and no IV skip makes.
+   */
+  async function openPlainByKeyring(spec: ImageSpec, name: string, keyDescription: string): Promise<void> {
+    const st = await stat(spec.path);
+    let bytes = st.size;
+    let device: string | undefined;
+    let loop: string | undefined;
+    if (st.isBlockDevice()) {
+      const r = await run('blockdev', ['--getsize64', spec.path], { timeoutMs });
+      if (r.code !== 0) throw toolError('blockdev', r);
+      bytes = Number(r.stdout.trim());
+      // major:minor, so that no path ever has to be quoted inside the table.
+      const major = (Math.floor(st.rdev / 0x100) & 0xfff) | (Math.floor(st.rdev / 0x100000000) & ~0xfff);
+      const minor = (st.rdev & 0xff) | (Math.floor(st.rdev / 0x1000) & ~0xff);
+      device = `${major}:${minor}`;
+    }
+    // Whole logical sectors only, counted in the 512-byte units of dm tables.
+    const sectors = Math.floor(bytes / spec.sectorSize) * (spec.sectorSize / 512);
+    if (!(sectors > 0)) throw errors.precondition('the image is too small for a dm-crypt mapping');
+    if (device === undefined) {
+      const r = await run(losetup, ['--find', '--show', '--', spec.path], { timeoutMs });
+      if (r.code !== 0) throw toolError('losetup', r);
+      loop = r.stdout.trim();
+      if (!/^\/dev\/loop\d+$/.test(loop)) throw errors.internal(new Error(`losetup printed ${loop}`));
+      device = loop;
+    }
+    try {
+      const sectorOption = spec.sectorSize === 512 ? '' : ` 1 sector_size:${spec.sectorSize}`;
+      const table = `0 ${sectors} crypt ${spec.cipher} :${spec.keySizeBits / 8}:logon:${keyDescription} 0 ${device} 0${sectorOption}`;
+      // The uuid prefix is cryptsetup's for plain mappings: cryptMappings() and
+      // `cryptsetup close` treat the mapping like any other.
+      const r = await run(dmsetup, ['create', name, '--uuid', `CRYPT-PLAIN-${name}`, '--table', table], { timeoutMs });
+      if (r.code !== 0) throw toolError('dmsetup', r);
+    } finally {
+      // Detaching a loop device that the mapping holds only marks it autoclear: it goes
+      // away with the mapping, as cryptsetup's own loop devices do. Unused, it goes now.
+      if (loop) await run(losetup, ['--detach', loop], { timeoutMs }).catch(() => undefined);
+    }
+  }
+
+  async function open(spec: ImageSpec, name: string, secret: Uint8Array, keyDescription?: string): Promise<string> {
     checkImageSpec(spec);
     checkMappingName(name);
+    if (keyDescription !== undefined && !KEY_DESCRIPTION_RE.test(keyDescription)) throw errors.invalid('invalid kernel key description');
     if (spec.format !== 'luks2' && spec.format !== 'plain') {
       throw errors.invalid(`format ${spec.format} is opened by QEMU, not by dm-crypt`);
     }
@@ -149,6 +209,10 @@ export function createDmCryptMapper(options: DmCryptMapperOptions = {}): DmCrypt
       } finally {
         wipe(passphrase);
       }
+      return device;
+    }
+    if (keyDescription !== undefined) {
+      await openPlainByKeyring(spec, name, keyDescription);
       return device;
     }
     // plain: a key file is the binary data key itself (no hashing in plain mode), exactly

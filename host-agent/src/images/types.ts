@@ -69,9 +69,11 @@ export interface DmCryptMapper {
   /**
    * Opens the mapping `name` (which must start with "virtkm-") over spec.path and returns
    * its device path. Idempotent: an open mapping of the same name over the same backing
-   * file is returned as it is.
+   * file is returned as it is. `keyDescription` names a logon key in the caller's kernel
+   * keyring holding the same key: a plain mapping then references it instead of carrying
+   * the key (luks2 ignores it: cryptsetup 2.6 takes LUKS2 passphrases only from user space).
    */
-  open(spec: ImageSpec, name: string, secret: Uint8Array): Promise<string>;
+  open(spec: ImageSpec, name: string, secret: Uint8Array, keyDescription?: string): Promise<string>;
   /** Closes the mapping; nothing to do when it is not open. */
   close(name: string): Promise<void>;
   /** Names of the open dm-crypt mappings whose name starts with "virtkm-". */

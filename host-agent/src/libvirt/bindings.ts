@@ -65,6 +65,10 @@ export interface LibvirtBindings {
   virDomainGetName: NativeFn;
   virDomainGetUUIDString: NativeFn;
   virDomainFree: NativeFn;
+  // block jobs
+  virDomainBlockCopy: NativeFn;
+  virDomainGetBlockJobInfo: NativeFn;
+  virDomainBlockJobAbort: NativeFn;
   /** The connection's copy of its last error (undefined when it holds none). */
   connectionError(conn: bigint): LibvirtErrorInfo | undefined;
   /**
@@ -199,6 +203,17 @@ async function load(): Promise<LibvirtBindings> {
     virDomainGetName: fn('const char *virDomainGetName(void *domain)'),
     virDomainGetUUIDString: fn('int virDomainGetUUIDString(void *domain, _Out_ uint8_t *buf)'),
     virDomainFree: fn('int virDomainFree(void *domain)'),
+
+    // The info struct (virDomainBlockJobInfo): int type; unsigned long bandwidth;
+    // unsigned long long cur, end. Anonymous, as virError above.
+    virDomainBlockCopy: fn('int virDomainBlockCopy(void *domain, const char *disk, const char *destxml, void *params, int nparams, unsigned int flags)'),
+    virDomainGetBlockJobInfo: lib.func('virDomainGetBlockJobInfo', 'int', [
+      'void *',
+      'const char *',
+      koffi.out(koffi.pointer(koffi.struct({ type: 'int', bandwidth: 'unsigned long', cur: 'unsigned long long', end: 'unsigned long long' }))),
+      'unsigned int',
+    ]) as unknown as NativeFn,
+    virDomainBlockJobAbort: fn('int virDomainBlockJobAbort(void *domain, const char *disk, unsigned int flags)'),
 
     connectionError(conn: bigint): LibvirtErrorInfo | undefined {
       const to = koffi.alloc(virError, 1) as bigint;

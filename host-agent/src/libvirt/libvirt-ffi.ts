@@ -12,15 +12,15 @@
  *
  * Connections are opened on first use and reopened when found dead: a call that fails
  * because libvirtd went away is retried once on a fresh connection when it is idempotent
- * (reads, secret define and set-value, domain define); start, destroy and undefine are not
- * retried and report unavailable.
+ * (reads, secret define and set-value, domain define); start, destroy, undefine, block copy
+ * and block job abort are not retried and report unavailable.
  */
 import { DomainError, errors } from '../../../shared/src/errors.js';
 import { loadLibvirtBindings, UUID_STRING_BUFLEN, VIR_SECRET_USAGE_TYPE, type LibvirtBindings, type NativeFn } from './bindings.js';
 import { LibvirtCallError, toDomainError, VirErr, type LibvirtOperation } from './errors.js';
-import type { DomainInfo, DomainState, Libvirt, SecretDefinition, SecretInfo } from './ports.js';
+import type { BlockJobInfo, BlockJobType, DomainDisk, DomainInfo, DomainState, Libvirt, SecretDefinition, SecretInfo } from './ports.js';
 import { isPassphraseUtf8, MAX_SECRET_VALUE_BYTES } from './secret-value.js';
-import { isCanonicalUuid, parseDomainIdentity, parseSecretXml, parseVirtkmMarker, secretXml, usageIdOfVolume, volumeIdOfUsage } from './xml.js';
+import { isCanonicalUuid, parseDomainDisks, parseDomainIdentity, parseSecretXml, parseVirtkmMarker, secretXml, usageIdOfVolume, volumeIdOfUsage } from './xml.js';
 
 /** Options of createLibvirtFfi. */
 export interface LibvirtFfiOptions {
@@ -60,6 +60,14 @@ const VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA = 1 << 4;
  * guest's data and goes only when the admin deletes volumes.
  */
 const UNDEFINE_FLAGS = VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | VIR_DOMAIN_UNDEFINE_NVRAM | VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA;
+const VIR_DOMAIN_XML_INACTIVE = 1 << 1;
+const VIR_DOMAIN_BLOCK_COPY_REUSE_EXT = 1 << 1;
+const VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB = 1 << 2;
+const VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES = 1 << 3;
+const VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT = 1 << 1;
+const VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES = 1 << 0;
+/** virDomainBlockJobType values. */
+const BLOCK_JOB_TYPES: Readonly<Record<number, BlockJobType>> = { 1: 'pull', 2: 'copy', 3: 'commit', 4: 'active-commit', 5: 'backup' };
 /** virDomainState values to DomainState. */
 const DOMAIN_STATES: Readonly<Record<number, DomainState>> = { 1: 'running', 2: 'running', 3: 'paused', 5: 'shutoff', 6: 'crashed' };
 
@@ -243,6 +251,9 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
 
   const checkName = (name: string): void => {
     if (name === '' || name.length > 256 || name.includes('\0')) throw errors.invalid('domain name must be 1-256 characters');
+  };
+  const checkTarget = (target: string): void => {
+    if (!/^[A-Za-z0-9._-]{1,64}$/.test(target)) throw errors.invalid('disk target must be 1-64 characters of A-Z a-z 0-9 . _ -');
   };
   const checkUuid = (uuid: string): void => {
     if (!isCanonicalUuid(uuid)) throw errors.invalid('secret UUID must be a lowercase canonical UUID');
@@ -452,10 +463,73 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
       });
     },
 
-    async xml(name: string): Promise<string> {
+    async xml(name: string, options: { inactive?: boolean } = {}): Promise<string> {
       checkName(name);
+      const flags = options.inactive ? VIR_DOMAIN_XML_INACTIVE : 0;
       return run({ op: 'domain.xml', subject: `domain "${name}"` }, true, (s) =>
-        withDomain(s, name, false, async (dom) => s.b.takeString(await s.call<bigint>('virDomainGetXMLDesc', s.b.virDomainGetXMLDesc, dom, 0))),
+        withDomain(s, name, false, async (dom) => s.b.takeString(await s.call<bigint>('virDomainGetXMLDesc', s.b.virDomainGetXMLDesc, dom, flags))),
+      );
+    },
+
+    async disk(name: string, target: string): Promise<DomainDisk | undefined> {
+      checkName(name);
+      checkTarget(target);
+      return run({ op: 'domain.disk', subject: `domain "${name}"` }, true, (s) =>
+        withDomain(s, name, false, async (dom) => {
+          const xml = s.b.takeString(await s.call<bigint>('virDomainGetXMLDesc', s.b.virDomainGetXMLDesc, dom, 0));
+          return parseDomainDisks(xml).find((d) => d.target === target);
+        }),
+      );
+    },
+
+    async blockCopy(name, target, destXml, options): Promise<void> {
+      checkName(name);
+      checkTarget(target);
+      if (destXml === '' || destXml.includes('\0')) throw errors.invalid('block copy destination XML must be a non-empty string');
+      const flags =
+        (options.reuseExternal ? VIR_DOMAIN_BLOCK_COPY_REUSE_EXT : 0) |
+        (options.transientJob ? VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB : 0) |
+        (options.synchronousWrites ? VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES : 0);
+      await run({ op: 'domain.blockCopy', subject: `domain "${name}"` }, false, (s) =>
+        withDomain(s, name, true, async (dom) => {
+          await s.call<number>('virDomainBlockCopy', s.b.virDomainBlockCopy, dom, target, destXml, null, 0, flags);
+        }),
+      );
+    },
+
+    async blockJob(name: string, target: string): Promise<BlockJobInfo | undefined> {
+      checkName(name);
+      checkTarget(target);
+      return run({ op: 'domain.blockJob', subject: `domain "${name}"` }, true, (s) =>
+        withDomain(s, name, false, async (dom) => {
+          const info: { type?: number; bandwidth?: number | bigint; cur?: number | bigint; end?: number | bigint } = {};
+          // 0: no job on this disk, 1: info filled in.
+          const found = await s.call<number>('virDomainGetBlockJobInfo', s.b.virDomainGetBlockJobInfo, dom, target, info, VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES);
+          if (found === 0) return undefined;
+          // Readiness is what libvirt recorded from QEMU's BLOCK_JOB_READY event in the live
+          // <mirror>; cur == end alone does not say it (libvirt adjusts the figures).
+          const xml = s.b.takeString(await s.call<bigint>('virDomainGetXMLDesc', s.b.virDomainGetXMLDesc, dom, 0));
+          const disk = parseDomainDisks(xml).find((d) => d.target === target);
+          return {
+            type: BLOCK_JOB_TYPES[info.type ?? 0] ?? 'unknown',
+            cur: BigInt(info.cur ?? 0),
+            end: BigInt(info.end ?? 0),
+            bandwidth: Number(info.bandwidth ?? 0),
+            ready: disk?.mirror?.ready === true,
+          };
+        }),
+      );
+    },
+
+    async blockJobAbort(name: string, target: string, options: { pivot: boolean }): Promise<void> {
+      checkName(name);
+      checkTarget(target);
+      // Without VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC libvirt returns once the job has ended
+      // (and, for a pivot, once the guest uses the destination).
+      await run({ op: 'domain.blockJobAbort', subject: `domain "${name}"` }, false, (s) =>
+        withDomain(s, name, true, async (dom) => {
+          await s.call<number>('virDomainBlockJobAbort', s.b.virDomainBlockJobAbort, dom, target, options.pivot ? VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT : 0);
+        }),
       );
     },
   };

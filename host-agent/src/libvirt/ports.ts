@@ -73,6 +73,50 @@ export interface DomainInfo {
   marker: VirtkmMarker | undefined;
 }
 
+/** A disk of a domain as libvirt describes it (live when running, else the definition). */
+export interface DomainDisk {
+  /** The guest-side target name, e.g. vda. */
+  target: string;
+  /** The image file of a file-backed disk (<source file=...>); undefined for other kinds. */
+  sourcePath: string | undefined;
+  /** UUID of the libvirt secret in the disk's <encryption>, when it has one. */
+  secretUuid: string | undefined;
+  /** The destination of a block copy in progress (the live <mirror>), if any. */
+  mirror: { path: string | undefined; secretUuid: string | undefined; ready: boolean } | undefined;
+}
+
+/** Kinds of block jobs (virDomainBlockJobType). */
+export type BlockJobType = 'pull' | 'copy' | 'commit' | 'active-commit' | 'backup' | 'unknown';
+
+/** A block job on one disk of a running domain. */
+export interface BlockJobInfo {
+  type: BlockJobType;
+  /** Progress cursor and its final value (bytes for copy jobs); cur/end approximates progress. */
+  cur: bigint;
+  end: bigint;
+  /** Bandwidth limit in bytes per second (0: unlimited). */
+  bandwidth: number;
+  /**
+   * For copy jobs: the copy reached the mirroring phase (libvirt's `<mirror ready='yes'>`),
+   * so a pivot can complete. False while copying and while a pivot is in progress.
+   */
+  ready: boolean;
+}
+
+/** Flags of a block copy. */
+export interface BlockCopyOptions {
+  /** The destination already exists and is formatted (VIR_DOMAIN_BLOCK_COPY_REUSE_EXT). */
+  reuseExternal: boolean;
+  /** Allow the copy on a persistent domain; the job is not kept across a restart (VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB). */
+  transientJob: boolean;
+  /**
+   * Once ready, every guest write reaches the destination before it completes
+   * (VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES), so the destination never lags behind the
+   * source. Default false (QEMU's background mode).
+   */
+  synchronousWrites?: boolean;
+}
+
 /** libvirt secrets. */
 export interface LibvirtSecrets {
   /**
@@ -112,8 +156,33 @@ export interface LibvirtDomains {
   state(name: string): Promise<DomainState | undefined>;
   /** All domains of the connection, virtkm's and others'. */
   list(): Promise<DomainInfo[]>;
-  /** The current XML of a domain (live when running; never with security-sensitive parts). */
-  xml(name: string): Promise<string>;
+  /**
+   * The current XML of a domain (live when running; never with security-sensitive parts).
+   * With `inactive`, the persistent definition used at the next start.
+   */
+  xml(name: string, options?: { inactive?: boolean }): Promise<string>;
+  /**
+   * A disk of a domain by target name (live when running), or undefined when the domain has
+   * no disk of that target. not_found when there is no such domain.
+   */
+  disk(name: string, target: string): Promise<DomainDisk | undefined>;
+  /**
+   * Starts copying a disk of a running virtkm domain into the destination described by
+   * `destXml` (a <disk> element: source, driver type, encryption); the job runs in QEMU and
+   * outlives the caller. failed_precondition when the domain is not running, not virtkm's,
+   * or the disk already has a block job; invalid_argument for an unknown disk or a
+   * destination libvirt rejects.
+   */
+  blockCopy(name: string, target: string, destXml: string, options: BlockCopyOptions): Promise<void>;
+  /** The block job of a disk, or undefined when it has none. failed_precondition when the domain is not running. */
+  blockJob(name: string, target: string): Promise<BlockJobInfo | undefined>;
+  /**
+   * Ends the block job of a disk of a virtkm domain and waits until it has ended. With
+   * `pivot`, a ready copy switches the guest to the destination; without, the guest stays
+   * on its source and the copy is dropped. failed_precondition when there is no job (or a
+   * pivot of a copy that is not ready).
+   */
+  blockJobAbort(name: string, target: string, options: { pivot: boolean }): Promise<void>;
 }
 
 /** The agent's view of one libvirt connection. */

@@ -7,7 +7,7 @@
  */
 import { Parser } from 'xml2js';
 import { errors } from '../../../shared/src/errors.js';
-import type { SecretDefinition, VirtkmMarker } from './ports.js';
+import type { DomainDisk, SecretDefinition, VirtkmMarker } from './ports.js';
 
 /** Namespace URI of the marker element. */
 export const VIRTKM_NAMESPACE = 'urn:virtkm:1';
@@ -227,4 +227,46 @@ export function parseVirtkmMarker(domainXml: string): VirtkmMarker | undefined {
   const marker: VirtkmMarker = { guestId, generation: Number(generationText), ...(hostId !== undefined ? { hostId } : {}) };
   checkMarker(marker);
   return marker;
+}
+
+/** The <encryption><secret uuid> of a disk or mirror element (inside <source> or beside it). */
+function encryptionSecretOf(node: NsNode): string | undefined {
+  const source = children(node, 'source')[0];
+  for (const holder of [source, node]) {
+    if (!holder) continue;
+    const secret = children(children(holder, 'encryption')[0] ?? {}, 'secret')[0];
+    const uuid = secret ? attrValue(secret, 'uuid') : undefined;
+    if (uuid !== undefined) return uuid;
+  }
+  return undefined;
+}
+
+/**
+ * The disks of a domain XML (live or persistent) with their source file, encryption secret
+ * and block-copy mirror. Throws invalid_argument when the XML is not a <domain>.
+ */
+export function parseDomainDisks(domainXml: string): DomainDisk[] {
+  const { rootName, root } = parseNs(domainXml, 'domain');
+  if (rootName !== 'domain' || root.$ns?.uri !== '') throw errors.invalid('domain XML root element must be <domain>');
+  const out: DomainDisk[] = [];
+  for (const devices of children(root, 'devices')) {
+    for (const disk of children(devices, 'disk')) {
+      const target = children(disk, 'target')[0];
+      const dev = target ? attrValue(target, 'dev') : undefined;
+      if (dev === undefined) continue;
+      const source = children(disk, 'source')[0];
+      const mirror = children(disk, 'mirror')[0];
+      let mirrorInfo: DomainDisk['mirror'];
+      if (mirror) {
+        const mirrorSource = children(mirror, 'source')[0];
+        mirrorInfo = {
+          path: (mirrorSource ? attrValue(mirrorSource, 'file') : undefined) ?? attrValue(mirror, 'file'),
+          secretUuid: encryptionSecretOf(mirror),
+          ready: attrValue(mirror, 'ready') === 'yes',
+        };
+      }
+      out.push({ target: dev, sourcePath: source ? attrValue(source, 'file') : undefined, secretUuid: encryptionSecretOf(disk), mirror: mirrorInfo });
+    }
+  }
+  return out;
 }

@@ -10,9 +10,14 @@ import { join } from 'node:path';
 import {
   GuestPhase,
   KeyPacket,
+  RotationKind,
+  RotationPhase,
+  type RotationStatus,
+  type SealedKeyPacket,
   VolumePhase,
   DesiredState,
   type DesiredGuest,
+  type DesiredVolume,
   type GuestStatus,
   type HostReport,
   type VolumeStatus,
@@ -24,9 +29,10 @@ import { describeError, type Logger } from '../../../shared/src/log.js';
 import { ownedCopy, wipe } from '../../../shared/src/secret-bytes.js';
 import type { CachedKey, KeyCache } from '../cache/key-cache.js';
 import { luksPassphrase } from '../images/passphrase.js';
-import type { Libvirt } from '../libvirt/ports.js';
-import { expectedKind, type AgentVolumeFormat, type DmCryptPort, type ImagePort, type ImageSpec } from './ports.js';
-import { renderDomainXml, secretUuidFor, type HostVolume } from './render-domain.js';
+import type { DomainInfo, Libvirt } from '../libvirt/ports.js';
+import { expectedKind, type AgentVolumeFormat, type DmCryptPort, type ImagePort, type ImageSpec, type KeyringPort } from './ports.js';
+import { diskTargetOf, renderDomainXml, secretUuidFor, type HostVolume } from './render-domain.js';
+import type { JobStatus, RotationDriver } from '../rotate/driver.js';
 
 /** What the reconciler works with. */
 export interface ReconcilerDeps {
@@ -35,10 +41,111 @@ export interface ReconcilerDeps {
   libvirt: Libvirt;
   images: ImagePort;
   dmcrypt: DmCryptPort;
+  /** Kernel keyring for dm-crypt keys; without it keys reach cryptsetup on stdin only. */
+  keyring?: KeyringPort;
   cache: KeyCache;
   /** Directory of the image files (shared storage for moves). */
   imageDir: string;
   logger: Logger;
+  /** Runs rotation orders; without it orders wait (unit tests of other logic). */
+  rotations?: RotationDriver;
+}
+
+/**
+ * What one pass does with a volume that has a rotation order. busy: a job runs and owns
+ * the image and the volume's libvirt secret (nothing is checked, defined or started);
+ * done: the image opens with the target version, which the pass uses; idle: the active
+ * version is used (the job waits, failed, or cannot run offline).
+ */
+interface RotationPlan {
+  order: NonNullable<DesiredVolume['rotation']>;
+  status: JobStatus;
+  mode: 'busy' | 'done' | 'idle';
+}
+
+/** The image spec of a desired volume on this host. */
+function specOf(dv: DesiredVolume, format: AgentVolumeFormat, imageDir: string): ImageSpec {
+  return {
+    path: imagePath(imageDir, dv.volumeId, format),
+    format,
+    sizeBytes: dv.sizeBytes,
+    cipher: dv.cipher?.cipher ?? 'aes-xts-plain64',
+    // Unexpected values are refused by the image layer's own spec check.
+    keySizeBits: (dv.cipher?.keySizeBits ?? 512) as ImageSpec['keySizeBits'],
+    sectorSize: (dv.cipher?.sectorSize ?? 512) as ImageSpec['sectorSize'],
+  };
+}
+
+/** Starts (or looks up) the jobs of the rotation orders in `desired`. */
+async function planRotations(desired: DesiredState, packets: Map<string, Uint8Array>, deps: ReconcilerDeps, domains: DomainInfo[], offline: boolean): Promise<Map<string, RotationPlan>> {
+  const plans = new Map<string, RotationPlan>();
+  const driver = deps.rotations;
+  for (const g of desired.guests) {
+    for (const dv of g.volumes) {
+      const order = dv.rotation;
+      if (!order || plans.has(dv.volumeId)) continue;
+      const waiting = (reason: string): JobStatus => ({ rotationId: order.rotationId, volumeId: dv.volumeId, targetVersion: order.targetVersion, phase: 'waiting', mechanism: '', step: 'waiting', bytesDone: 0n, bytesTotal: 0n, bytesPerSecond: 0, reason, offline: true });
+      let status = driver?.status(order.rotationId);
+      if (offline || !driver) {
+        // While the server is unreachable nothing new starts, and a guest whose rotation
+        // is unfinished stays stopped: a live copy interrupted after its pivot must be
+        // finished before the image is used again.
+        status ??= waiting(offline ? 'the server is unreachable' : 'this agent cannot rotate keys');
+        plans.set(dv.volumeId, { order, status, mode: status.phase === 'done' ? 'done' : 'busy' });
+        continue;
+      }
+      if (!status || status.phase === 'waiting') {
+        const format = formatFromApiValue(dv.format);
+        const oldKey = packets.get(`${dv.volumeId}:${dv.keyVersion}`) ?? deps.cache.get(dv.volumeId, dv.keyVersion);
+        const newKey = packets.get(`${dv.volumeId}:${order.targetVersion}`) ?? deps.cache.get(dv.volumeId, order.targetVersion);
+        if (!format) status = driver.wait(order.rotationId, dv.volumeId, order.targetVersion, 'unknown volume format');
+        else if (!oldKey || !newKey) status = driver.wait(order.rotationId, dv.volumeId, order.targetVersion, `no key for version ${!oldKey ? dv.keyVersion : order.targetVersion} yet`);
+        else {
+          const dom = domains.find((d) => d.marker?.guestId === g.guestId);
+          const running = dom?.state === 'running' || dom?.state === 'paused';
+          const diskTarget = running ? await diskTargetOf(g.domainXml, dv.volumeId, dv.name) : undefined;
+          status = driver.ensure({
+            rotationId: order.rotationId,
+            volumeId: dv.volumeId,
+            kind: order.kind === RotationKind.ROTATION_KIND_REKEY ? 'rekey' : 'reencrypt',
+            fromVersion: dv.keyVersion,
+            targetVersion: order.targetVersion,
+            spec: specOf(dv, format, deps.imageDir),
+            oldKey,
+            newKey,
+            guestRunning: running,
+            ...(dom && diskTarget ? { domain: { name: dom.name, diskTarget, volumeName: dv.name } } : {}),
+          });
+        }
+      }
+      plans.set(dv.volumeId, { order, status, mode: status.phase === 'running' ? 'busy' : status.phase === 'done' ? 'done' : 'idle' });
+    }
+  }
+  driver?.retain(new Set([...plans.values()].map((p) => p.order.rotationId)));
+  return plans;
+}
+
+const ROTATION_PHASES: Readonly<Record<JobStatus['phase'], RotationPhase>> = {
+  waiting: RotationPhase.ROTATION_PHASE_WAITING,
+  running: RotationPhase.ROTATION_PHASE_RUNNING,
+  done: RotationPhase.ROTATION_PHASE_DONE,
+  failed: RotationPhase.ROTATION_PHASE_FAILED,
+};
+
+/** A job's status as the agent reports it. */
+export function rotationStatusOf(s: JobStatus): RotationStatus {
+  return {
+    rotationId: s.rotationId,
+    volumeId: s.volumeId,
+    phase: ROTATION_PHASES[s.phase],
+    step: s.step,
+    bytesDone: s.bytesDone,
+    bytesTotal: s.bytesTotal,
+    bytesPerSecond: BigInt(Math.max(0, Math.round(s.bytesPerSecond))),
+    reason: s.reason,
+    mechanism: s.mechanism,
+    targetVersion: s.targetVersion,
+  };
 }
 
 
@@ -60,7 +167,10 @@ function reasonOf(err: unknown): string {
 
 /** A copy of a desired state without key packets (what the cache keeps of it). */
 export function withoutPackets(d: DesiredState): DesiredState {
-  return { ...d, guests: d.guests.map((g) => ({ ...g, volumes: g.volumes.map((v) => ({ ...v, packet: undefined })) })) };
+  return {
+    ...d,
+    guests: d.guests.map((g) => ({ ...g, volumes: g.volumes.map((v) => ({ ...v, packet: undefined, rotation: v.rotation ? { ...v.rotation, targetPacket: undefined } : undefined })) })),
+  };
 }
 
 /** Opens the key packets of a desired state; packets for another host or volume are refused. */
@@ -68,22 +178,26 @@ export function openPackets(desired: DesiredState, deps: Pick<ReconcilerDeps, 'b
   const keys = new Map<string, Uint8Array>();
   for (const g of desired.guests) {
     for (const v of g.volumes) {
-      if (!v.packet) continue;
-      let plain: Uint8Array | undefined;
-      try {
-        plain = openSealed(v.packet.sealed, deps.box);
-        const p = KeyPacket.decode(plain);
-        if (p.type !== 'virtkm.keypacket.v1' || p.hostId !== deps.hostId || p.volumeId !== v.volumeId || p.keyVersion !== v.keyVersion) {
+      // The active version's packet, and the new version's of a rotation order.
+      const wanted: [SealedKeyPacket | undefined, number][] = [[v.packet, v.keyVersion], [v.rotation?.targetPacket, v.rotation?.targetVersion ?? 0]];
+      for (const [packet, version] of wanted) {
+        if (!packet) continue;
+        let plain: Uint8Array | undefined;
+        try {
+          plain = openSealed(packet.sealed, deps.box);
+          const p = KeyPacket.decode(plain);
+          if (p.type !== 'virtkm.keypacket.v1' || p.hostId !== deps.hostId || p.volumeId !== v.volumeId || p.keyVersion !== version) {
+            wipe(p.secret);
+            deps.logger.warn('key packet refused: it names another host, volume or version', { volume_id: v.volumeId });
+            continue;
+          }
+          keys.set(`${v.volumeId}:${version}`, ownedCopy(p.secret));
           wipe(p.secret);
-          deps.logger.warn('key packet refused: it names another host, volume or version', { volume_id: v.volumeId });
-          continue;
+        } catch (err) {
+          deps.logger.warn('key packet does not open', { volume_id: v.volumeId, ...describeError(err) });
+        } finally {
+          wipe(plain);
         }
-        keys.set(`${v.volumeId}:${v.keyVersion}`, ownedCopy(p.secret));
-        wipe(p.secret);
-      } catch (err) {
-        deps.logger.warn('key packet does not open', { volume_id: v.volumeId, ...describeError(err) });
-      } finally {
-        wipe(plain);
       }
     }
   }
@@ -103,10 +217,13 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
   const keep: CachedKey[] = [];
   const neededSecrets = new Set<string>();
   const neededMappings = new Set<string>();
+  const neededKeys = new Set<string>();
   const dmReason = await dmcrypt.unavailableReason();
   // Only what this host's agent made: another agent may share the libvirtd (tests, or a
   // host enrolled twice) and its domains and secrets are not ours to touch.
   const domainList = (await libvirt.domains.list()).filter((d) => d.marker === undefined || d.marker.hostId === deps.hostId);
+
+  const plans = await planRotations(desired, packets, deps, domainList, offline);
 
   try {
     // Secrets first, for every volume whose key is here: libvirt holds what guests need
@@ -116,11 +233,15 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
     for (const g of desired.guests) {
       for (const dv of g.volumes) {
         const format = formatFromApiValue(dv.format);
-        const secret = packets.get(`${dv.volumeId}:${dv.keyVersion}`) ?? cache.get(dv.volumeId, dv.keyVersion);
-        const uuid = secretUuidFor(dv.volumeId, dv.keyVersion, sha256);
+        const plan = plans.get(dv.volumeId);
+        // A running rotation owns the volume's secret.
+        if (plan?.mode === 'busy') continue;
+        const version = plan?.mode === 'done' ? plan.order.targetVersion : dv.keyVersion;
+        const secret = packets.get(`${dv.volumeId}:${version}`) ?? cache.get(dv.volumeId, version);
+        const uuid = secretUuidFor(dv.volumeId, version, sha256);
         if ((format !== 'luks' && format !== 'qcow2-luks') || !secret || secretsSet.has(uuid)) continue;
         try {
-          await defineSecret(libvirt, deps.hostId, uuid, dv.volumeId, dv.name, dv.keyVersion, secret);
+          await defineSecret(libvirt, deps.hostId, uuid, dv.volumeId, dv.name, version, secret);
           secretsSet.add(uuid);
         } catch (err) {
           logger.warn('defining a secret failed', { volume_id: dv.volumeId, ...describeError(err) });
@@ -129,15 +250,22 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
     }
     for (const g of desired.guests) {
       const hostVolumes: HostVolume[] = [];
+      // A live rotation runs on one of its disks: leave the domain as it is.
+      let hold = false;
+      // A finished rotation changed a disk's key: the definition must name the new secret.
+      let redefine = false;
       let blocked = '';
       // Whether what blocks the guest is a failure (fail closed) or only a missing key.
       let fatal = false;
       for (const dv of g.volumes) {
         const format = formatFromApiValue(dv.format);
-        const status: VolumeStatus = { volumeId: dv.volumeId, keyVersion: dv.keyVersion, phase: VolumePhase.VOLUME_PHASE_PENDING, reason: '', created: false };
+        const plan = plans.get(dv.volumeId);
+        const version = plan?.mode === 'done' ? plan.order.targetVersion : dv.keyVersion;
+        if (plan?.mode === 'done') redefine = true;
+        const status: VolumeStatus = { volumeId: dv.volumeId, keyVersion: version, phase: VolumePhase.VOLUME_PHASE_PENDING, reason: '', created: false };
         volumes.push(status);
-        const tag = `${dv.volumeId}:${dv.keyVersion}`;
-        const secret = packets.get(tag) ?? cache.get(dv.volumeId, dv.keyVersion);
+        const tag = `${dv.volumeId}:${version}`;
+        const secret = packets.get(tag) ?? cache.get(dv.volumeId, version);
         if (!format) {
           status.phase = VolumePhase.VOLUME_PHASE_FAILED;
           status.reason = 'unknown volume format';
@@ -150,18 +278,27 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           blocked ||= `volume ${dv.name}: no key yet`;
           continue;
         }
-        let kept = keep.find((k) => k.volumeId === dv.volumeId && k.keyVersion === dv.keyVersion);
-        if (kept) kept.guestIds.push(g.guestId);
-        else keep.push((kept = { volumeId: dv.volumeId, keyVersion: dv.keyVersion, guestIds: [g.guestId], secret: ownedCopy(secret) }));
-        const spec: ImageSpec = {
-          path: imagePath(deps.imageDir, dv.volumeId, format),
-          format,
-          sizeBytes: dv.sizeBytes,
-          cipher: dv.cipher?.cipher ?? 'aes-xts-plain64',
-          // Unexpected values are refused by the image layer's own spec check.
-          keySizeBits: (dv.cipher?.keySizeBits ?? 512) as ImageSpec['keySizeBits'],
-          sectorSize: (dv.cipher?.sectorSize ?? 512) as ImageSpec['sectorSize'],
+        const keepKey = (v: number, key: Uint8Array): CachedKey => {
+          let k = keep.find((x) => x.volumeId === dv.volumeId && x.keyVersion === v);
+          if (k) k.guestIds.push(g.guestId);
+          else keep.push((k = { volumeId: dv.volumeId, keyVersion: v, guestIds: [g.guestId], secret: ownedCopy(key) }));
+          return k;
         };
+        const kept = keepKey(version, secret);
+        if (plan) {
+          // Both versions stay in the cache until the server confirms the rotation.
+          const other = version === dv.keyVersion ? plan.order.targetVersion : dv.keyVersion;
+          const otherKey = packets.get(`${dv.volumeId}:${other}`) ?? cache.get(dv.volumeId, other);
+          if (otherKey) keepKey(other, otherKey);
+        }
+        if (plan?.mode === 'busy') {
+          status.phase = VolumePhase.VOLUME_PHASE_READY;
+          status.reason = `key rotation: ${plan.status.step || 'starting'}`;
+          if (plan.status.offline || offline) blocked ||= `volume ${dv.name}: key rotation in progress (${plan.status.reason || plan.status.step || 'starting'})`;
+          else hold = true;
+          continue;
+        }
+        const spec = specOf(dv, format, deps.imageDir);
         try {
           const info = await images.inspect(spec.path);
           if (info.kind === 'missing') {
@@ -185,7 +322,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
             fatal = true;
             continue;
           } else if (format !== 'plain') {
-            const known = info.uuid !== undefined && cache.verifiedHeader(dv.volumeId, dv.keyVersion) === info.uuid;
+            const known = info.uuid !== undefined && cache.verifiedHeader(dv.volumeId, version) === info.uuid;
             if (!known && !(await images.testKey(spec.path, spec, secret))) {
               status.phase = VolumePhase.VOLUME_PHASE_WRONG_KEY;
               status.reason = 'the key does not open the image';
@@ -196,9 +333,9 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
             if (info.uuid) kept.verifiedHeader = info.uuid;
           }
           let path = spec.path;
-          const secretUuid = secretUuidFor(dv.volumeId, dv.keyVersion, sha256);
+          const secretUuid = secretUuidFor(dv.volumeId, version, sha256);
           if (format === 'luks' || format === 'qcow2-luks') {
-            if (!secretsSet.has(secretUuid)) await defineSecret(libvirt, deps.hostId, secretUuid, dv.volumeId, dv.name, dv.keyVersion, secret);
+            if (!secretsSet.has(secretUuid)) await defineSecret(libvirt, deps.hostId, secretUuid, dv.volumeId, dv.name, version, secret);
             neededSecrets.add(secretUuid);
           } else if (dmReason) {
             status.phase = VolumePhase.VOLUME_PHASE_FAILED;
@@ -207,8 +344,10 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
             fatal = true;
             continue;
           } else if (offline ? g.autostart && g.run : g.run) {
-            path = await dmcrypt.open(spec, mappingName(dv.volumeId), secret);
+            const keyRef = deps.keyring?.load(dv.volumeId, version, secret);
+            path = await dmcrypt.open(spec, mappingName(dv.volumeId), secret, keyRef);
             neededMappings.add(mappingName(dv.volumeId));
+            if (keyRef) neededKeys.add(keyRef);
           } else {
             // A guest that should not run here keeps no mapping open: it is closed at the
             // end of this pass, once the domain has been stopped.
@@ -224,7 +363,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           fatal = true;
         }
       }
-      guests.push(await reconcileGuest(g, hostVolumes, blocked, fatal, domainList, deps, offline));
+      guests.push(await reconcileGuest(g, hostVolumes, blocked, fatal, domainList, deps, offline, { hold, redefine }));
     }
 
     // Remove what virtkm created and is no longer desired: domains, then secrets, mappings.
@@ -241,6 +380,8 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
       }
     }
     for (const s of await libvirt.secrets.list()) {
+      // The secret of a volume under a running rotation belongs to the rotation job.
+      if (s.volumeId !== undefined && plans.get(s.volumeId)?.mode === 'busy') continue;
       if (s.volumeId !== undefined && s.description.endsWith(secretOwnerTag(deps.hostId)) && !neededSecrets.has(s.uuid)) {
         await libvirt.secrets.undefine(s.uuid).catch((err: unknown) => logger.warn('undefining a secret failed', { uuid: s.uuid, ...describeError(err) }));
       }
@@ -269,6 +410,12 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
     if (!dmReason) {
       for (const m of await dmcrypt.list()) if (!neededMappings.has(m)) await dmcrypt.close(m).catch((err: unknown) => logger.warn('closing a mapping failed', { name: m, ...describeError(err) }));
     }
+    // Keys of mappings no longer open (guest stopped, moved or wiped) leave the kernel keyring.
+    try {
+      for (const k of deps.keyring?.retain(neededKeys) ?? []) logger.info('key unlinked from the kernel keyring', { key: k });
+    } catch (err) {
+      logger.warn('unlinking keys from the kernel keyring failed', describeError(err));
+    }
     // The cache keeps exactly the keys of desired volumes (dropped ones are wiped) and the
     // desired state itself without key packets, for starting guests while offline.
     if (!offline) cache.replace(keep, DesiredState.encode(withoutPackets(desired)).finish());
@@ -276,7 +423,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
     for (const k of packets.values()) wipe(k);
     if (offline) for (const k of keep) wipe(k.secret);
   }
-  return { revision: desired.revision, guests, volumes, deletedImages, rotations: [] };
+  return { revision: desired.revision, guests, volumes, deletedImages, rotations: [...plans.values()].map((p) => rotationStatusOf(p.status)) };
 }
 
 /** The end of the description of every secret this host's agent defines. */
@@ -286,7 +433,18 @@ export function secretOwnerTag(hostId: string): string {
 
 /** Defines a volume's private, ephemeral libvirt secret and sets its value. */
 async function defineSecret(libvirt: Libvirt, hostId: string, uuid: string, volumeId: string, name: string, keyVersion: number, secret: Uint8Array): Promise<void> {
-  await libvirt.secrets.define({ uuid, volumeId, description: `virtkm volume ${name} key v${keyVersion}${secretOwnerTag(hostId)}` });
+  const def = { uuid, volumeId, description: `virtkm volume ${name} key v${keyVersion}${secretOwnerTag(hostId)}` };
+  try {
+    await libvirt.secrets.define(def);
+  } catch (err) {
+    // libvirt allows one secret per usage (`virtkm:<volume>`): after a rotation the
+    // previous version's secret of this host gives way to the new one.
+    if (!isDomainError(err) || err.kind !== 'already_exists') throw err;
+    const previous = (await libvirt.secrets.list()).find((s) => s.volumeId === volumeId && s.uuid !== uuid && s.description.endsWith(secretOwnerTag(hostId)));
+    if (!previous) throw err;
+    await libvirt.secrets.undefine(previous.uuid);
+    await libvirt.secrets.define(def);
+  }
   // libvirt hands the value to QEMU, which wants the same hex passphrase the image was made
   // with (see images/passphrase.ts).
   const passphrase = luksPassphrase(secret);
@@ -297,10 +455,25 @@ async function defineSecret(libvirt: Libvirt, hostId: string, uuid: string, volu
   }
 }
 
-async function reconcileGuest(g: DesiredGuest, vols: HostVolume[], blocked: string, fatal: boolean, domains: Awaited<ReturnType<Libvirt['domains']['list']>>, deps: ReconcilerDeps, offline: boolean): Promise<GuestStatus> {
+async function reconcileGuest(
+  g: DesiredGuest,
+  vols: HostVolume[],
+  blocked: string,
+  fatal: boolean,
+  domains: DomainInfo[],
+  deps: ReconcilerDeps,
+  offline: boolean,
+  rotation: { hold: boolean; redefine: boolean } = { hold: false, redefine: false },
+): Promise<GuestStatus> {
   const { libvirt, logger } = deps;
   const status: GuestStatus = { guestId: g.guestId, generation: g.generation, phase: GuestPhase.GUEST_PHASE_PENDING, reason: '' };
   const existing = domains.find((d) => d.marker?.guestId === g.guestId);
+  if (rotation.hold && !blocked) {
+    // A live rotation owns the running domain's disk and definition until it ends.
+    status.phase = existing?.state === 'running' ? GuestPhase.GUEST_PHASE_RUNNING : GuestPhase.GUEST_PHASE_PENDING;
+    status.reason = 'live key rotation in progress';
+    return status;
+  }
   if (blocked) {
     status.reason = blocked;
     // Waiting for a key is pending: a running guest keeps running (QEMU holds its key). A
@@ -311,7 +484,7 @@ async function reconcileGuest(g: DesiredGuest, vols: HostVolume[], blocked: stri
   }
   try {
     let state = existing?.state;
-    if (!existing || BigInt(existing.marker?.generation ?? -1) !== g.generation || existing.name !== g.name) {
+    if (!existing || rotation.redefine || BigInt(existing.marker?.generation ?? -1) !== g.generation || existing.name !== g.name) {
       if (existing && existing.name !== g.name) {
         if (existing.state === 'running') await libvirt.domains.destroy(existing.name);
         await libvirt.domains.undefine(existing.name);

@@ -72,6 +72,23 @@ export async function renderDomainXml(opts: { xml: string; guestId: string; host
   return new Builder({ headless: true, renderOpts: { pretty: true, indent: '  ', newline: '\n' } }).buildObject({ domain });
 }
 
+/** The guest-side target (e.g. vda) of the managed disk that uses a volume, by id or name. */
+export async function diskTargetOf(xml: string, volumeId: string, volumeName: string): Promise<string | undefined> {
+  const doc = (await parser().parseStringPromise(xml)) as { domain?: Node } | null;
+  const domain = doc?.domain;
+  if (!domain || typeof domain !== 'object') return undefined;
+  for (const devices of list(domain, 'devices')) {
+    for (const disk of list(devices, 'disk')) {
+      const source = list(disk, 'source')[0];
+      const ref = source?.$?.['volume'];
+      if (disk.$?.['type'] !== 'volume' || source?.$?.['pool'] !== 'virtkm' || (ref !== volumeId && ref !== volumeName)) continue;
+      const dev = list(disk, 'target')[0]?.$?.['dev'];
+      if (dev) return dev;
+    }
+  }
+  return undefined;
+}
+
 /** The libvirt secret UUID of a volume's key version on this host (stable, derived). */
 export function secretUuidFor(volumeId: string, keyVersion: number, hash: (s: string) => Buffer): string {
   const h = hash(`virtkm/secret/${volumeId}/${keyVersion}`);

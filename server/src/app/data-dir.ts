@@ -11,6 +11,10 @@
  *   DIR/server.pem         server certificate (public)
  *   DIR/server-key.sealed  server TLS private key, sealed under the master key
  *   DIR/admin.pem          first admin credential bundle (0600), unless written elsewhere
+ *   DIR/transport.kek      Shamir (sealed mode) only: key file sealing server-key.transport
+ *   DIR/server-key.transport  the TLS key for sealed mode (sealed-mode.ts)
+ *   DIR/master-key.next.json, DIR/*.sealed.next   only during rotate-master-key
+ *   DIR/master.kek.new     only during a reseal to a new key file (master-key/registry.ts)
  */
 import { closeSync, fsyncSync, openSync, renameSync, writeSync } from 'node:fs';
 import { fsyncDirSync } from '../../../shared/src/durable-fs.js';

@@ -15,7 +15,10 @@ import {
   KeyServiceService,
   RotationServiceService,
   VolumeServiceService,
+  UnsealServiceService,
+  type UnsealServiceServer,
 } from '../../../shared/src/api.js';
+import type { ServerInterceptor } from '@grpc/grpc-js';
 import type { Logger } from '../../../shared/src/log.js';
 import type { Clock } from '../domain/clock.js';
 import type { CertificateIssuer } from '../pki/issuer.js';
@@ -27,6 +30,7 @@ import { createEnrollmentService } from '../rpc/enrollment-service.js';
 import { createGuestService } from '../rpc/guest-service.js';
 import { createHostService } from '../rpc/host-service.js';
 import { createKeyService } from '../rpc/key-service.js';
+import { createEphemeralPool } from '../vault/ephemeral-pool.js';
 import { createVolumeService } from '../rpc/volume-service.js';
 import { createRotationService } from '../rpc/rotation-service.js';
 import { createRotationManager, type RotationManager, type RotationSettings } from '../rotation/rotation-manager.js';
@@ -57,6 +61,12 @@ export interface GrpcServerDeps {
   /** Enrollment listener address, or "" for none. */
   enrollListen: string;
   hostCertDays: number;
+  /**
+   * Sealed mode (sealed-mode.ts; Shamir): the gate's interceptor goes on every listener,
+   * UnsealService is served, and KeyService health and the rotation scheduler wait until
+   * the gate opens. Without it the server has no UnsealService (nothing to unseal).
+   */
+  sealed?: { interceptor?: ServerInterceptor; unsealService: UnsealServiceServer; whenOpen(fn: () => void): void };
   /** Rotation tunables (defaults in rotation-manager.ts) and the scheduler's interval. */
   rotation?: Partial<RotationSettings> & { intervalMs?: number };
 }
@@ -103,6 +113,7 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
     'grpc.max_concurrent_streams': 256,
     'grpc.keepalive_time_ms': 60_000,
     'grpc.keepalive_permit_without_calls': 1,
+    ...(deps.sealed?.interceptor ? { interceptors: [deps.sealed.interceptor] } : {}),
   };
   const main = new Server(opts);
   const ctx = { store: deps.store, logger: deps.logger.child('rpc') };
@@ -120,10 +131,13 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
   const hostDeps = { ...ctx, clock: deps.clock, issuer: deps.issuer, enrollAddress: '', hub };
   main.addService(HostServiceService, createHostService(hostDeps));
   main.addService(CredentialServiceService, createCredentialService({ ...ctx, clock: deps.clock, issuer: deps.issuer }));
-  main.addService(KeyServiceService, createKeyService({ ...ctx, vault: deps.vault, clock: deps.clock }));
+  // Key release seals with ephemeral X25519 shares a worker thread computed beforehand.
+  const ephemeral = createEphemeralPool({ logger: deps.logger.child('ephemeral') });
+  main.addService(KeyServiceService, createKeyService({ ...ctx, vault: deps.vault, clock: deps.clock, ephemeral }));
   main.addService(AuditServiceService, createAuditService(ctx));
   const health = new HealthImplementation({ '': 'NOT_SERVING', 'virtkm.v1.KeyService': 'NOT_SERVING' });
   health.addToServer(main);
+  if (deps.sealed) main.addService(UnsealServiceService, deps.sealed.unsealService);
 
   const address = await bind(main, deps.listen, deps.credentials);
   let enrollServer: Server | undefined;
@@ -134,8 +148,14 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
     hostDeps.enrollAddress = await bind(enrollServer, deps.enrollListen, deps.enrollCredentials);
   }
   health.setStatus('', 'SERVING');
-  health.setStatus('virtkm.v1.KeyService', 'SERVING');
-  const scheduler = startRotationScheduler(rotations, deps.rotation?.intervalMs ?? 30_000, deps.logger.child('rotation'));
+  let scheduler: ReturnType<typeof startRotationScheduler> | undefined;
+  const serveKeys = () => {
+    if (state === 'draining' || state === 'stopped') return;
+    health.setStatus('virtkm.v1.KeyService', 'SERVING');
+    scheduler = startRotationScheduler(rotations, deps.rotation?.intervalMs ?? 30_000, deps.logger.child('rotation'));
+  };
+  if (deps.sealed) deps.sealed.whenOpen(serveKeys);
+  else serveKeys();
   state = 'running';
   deps.logger.info('listening', { address, enroll_address: hostDeps.enrollAddress || undefined });
 
@@ -147,12 +167,13 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
     async shutdown(graceMs) {
       if (state === 'draining' || state === 'stopped') return;
       state = 'draining';
-      await scheduler.stop();
+      await scheduler?.stop();
       // Agents reconnect with backoff to whichever server comes back.
       hub.closeAll(14 /* UNAVAILABLE */, 'server is shutting down');
       health.setStatus('', 'NOT_SERVING');
       health.setStatus('virtkm.v1.KeyService', 'NOT_SERVING');
       await Promise.all([shutdownServer(main, graceMs), enrollServer ? shutdownServer(enrollServer, graceMs) : Promise.resolve()]);
+      await ephemeral.close();
       state = 'stopped';
     },
   };

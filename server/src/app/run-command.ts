@@ -5,15 +5,12 @@ import { readFileSync } from 'node:fs';
 import { loadSodium } from '../../../shared/src/sodium.js';
 import { createLogger, describeError } from '../../../shared/src/log.js';
 import { hardenProcess } from '../../../shared/src/process-hygiene.js';
-import { wipe } from '../../../shared/src/secret-bytes.js';
 import { systemClock } from '../domain/clock.js';
-import { createCaIssuer } from '../pki/ca-issuer.js';
 import { openSqliteStore } from '../store/sqlite-store.js';
-import { createKeyVault } from '../vault/key-vault.js';
 import { compileServerRunOptions, type ServerRunOptions } from './config.js';
-import { dataDirPaths, SERVER_SECRET_LABELS } from './data-dir.js';
+import { dataDirPaths } from './data-dir.js';
 import { startGrpcServer } from './grpc-server.js';
-import { unsealMasterKey } from './master-key-access.js';
+import { openMasterKeyForRun } from './sealed-mode.js';
 import { mutualTlsCredentials, serverOnlyTlsCredentials } from './tls.js';
 import { errors } from '../../../shared/src/errors.js';
 import { existsSync } from 'node:fs';
@@ -28,18 +25,15 @@ export async function runCommand(raw: ServerRunOptions): Promise<void> {
   const paths = dataDirPaths(opts.dataDir);
   if (!existsSync(paths.masterKey)) throw errors.precondition(`${opts.dataDir} is not an initialised data directory`, { hint: 'run `virtkm-server init --data-dir DIR` first' });
 
-  const masterKey = await unsealMasterKey(paths, opts.passphraseFile);
-  const vault = createKeyVault(masterKey);
+  // The lock first: finishing an interrupted master key rotation and unsealing happen
+  // with no other server on this directory. A Shamir-sealed master key starts sealed
+  // (sealed-mode.ts): vault and issuer are stand-ins until UnsealService opens the gate.
   const store = openSqliteStore({ path: paths.db, logger: logger.child('store'), exclusive: true });
-  const caKeyPem = vault.openServerSecret(SERVER_SECRET_LABELS.caKey, readFileSync(paths.caKeySealed));
-  const serverKeyPem = vault.openServerSecret(SERVER_SECRET_LABELS.serverKey, readFileSync(paths.serverKeySealed));
+  const announce = (event: Record<string, unknown>) => process.stdout.write(JSON.stringify(event) + '\n');
+  const access = await openMasterKeyForRun(paths, store, logger, opts.passphraseFile, announce);
+  const { vault, issuer, serverKey } = access;
   const caCertPem = readFileSync(paths.caCert, 'utf8');
   const serverCertPem = readFileSync(paths.serverCert, 'utf8');
-  // PEM strings cannot be wiped; the CA key lives as long as the process anyway.
-  const issuer = createCaIssuer({ certPem: caCertPem, keyPem: Buffer.from(caKeyPem).toString('utf8') });
-  wipe(caKeyPem);
-  const serverKey = Buffer.from(serverKeyPem);
-  wipe(serverKeyPem);
 
   const server = await startGrpcServer({
     store,
@@ -54,9 +48,10 @@ export async function runCommand(raw: ServerRunOptions): Promise<void> {
     enrollListen: opts.enrollListen,
     hostCertDays: opts.hostCertDays,
     rotation: opts.rotation,
+    sealed: access.grpc,
   });
   // One machine-readable line on stdout for supervisors and tests.
-  process.stdout.write(JSON.stringify({ event: 'ready', listen: server.address, enroll: server.enrollAddress || null, pid: process.pid }) + '\n');
+  process.stdout.write(JSON.stringify({ event: 'ready', listen: server.address, enroll: server.enrollAddress || null, pid: process.pid, ...(access.isSealed() ? { sealed: true } : {}) }) + '\n');
 
   await new Promise<void>((resolve) => {
     const stop = (signal: string) => {

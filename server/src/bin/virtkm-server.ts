@@ -7,6 +7,9 @@ import { Command } from 'commander';
 import { runProgram } from '../../../shared/src/cli-run.js';
 import { initCommand } from '../app/init-command.js';
 import { runCommand } from '../app/run-command.js';
+import { resealCommand } from '../app/reseal-command.js';
+import { rotateMasterKeyCommand } from '../app/master-key-rotation.js';
+import { SEALER_FACTORIES } from '../master-key/registry.js';
 
 const program = new Command('virtkm-server')
   .description('virtkm management server')
@@ -23,11 +26,14 @@ program
   .option('--san <name...>', 'extra DNS names or IP addresses for the server certificate')
   .option('--kdf-ops <n>', 'Argon2id opslimit (default: libsodium MODERATE)')
   .option('--kdf-mem-mib <n>', 'Argon2id memlimit in MiB (default: libsodium MODERATE)')
-  .option('--sealer <kind>', 'how the master key is sealed: keyfile (default), passphrase, pkcs11 or tpm2')
+  .option('--sealer <kind>', 'how the master key is sealed: keyfile (default), passphrase, pkcs11, tpm2 or shamir')
   .option('--pkcs11-uri <uri>', 'pkcs11: the token key (RFC 7512 URI with module-path; the key is created when missing)')
   .option('--pin-file <file>', "pkcs11: file (0600) holding the token's user PIN (else the URI's pin-source)")
   .option('--tpm-tcti <tcti>', 'tpm2: how to reach the TPM (default device:/dev/tpmrm0)')
   .option('--tpm-pcrs <selection>', 'tpm2: bind to the current values of these PCRs, e.g. sha256:0,7')
+  .option('--shares <n>', 'shamir: number of shares (2 to 255), shown once at the end')
+  .option('--threshold <k>', 'shamir: shares needed to unseal (2 to --shares)')
+  .option('--shares-out-dir <dir>', 'shamir: write each share to its own file there (0600) instead of showing them')
   .action(async (o) => {
     await initCommand(o);
   });
@@ -46,5 +52,28 @@ program
   .action(async (o) => {
     await runCommand(o);
   });
+
+// ---- master key: reseal and rotation (issue 5) ----
+{
+  const reseal = program
+    .command('reseal')
+    .description('seal the same master key another way (server stopped): keyfile, passphrase, shamir, ...')
+    .requiredOption('--data-dir <dir>', 'data directory made by init')
+    .requiredOption('--to <kind>', `new sealer: ${SEALER_FACTORIES.map((f) => f.kind).join(', ')}`);
+  // Every sealer's options: how to unseal the current record, and how to seal with the new one.
+  for (const f of SEALER_FACTORIES) for (const opt of [...f.unsealOptions, ...f.sealOptions]) reseal.option(opt.flags, opt.description);
+  reseal.action(async (o) => {
+    await resealCommand(o);
+  });
+
+  const rotate = program
+    .command('rotate-master-key')
+    .description('new master key, every sealed secret rewrapped in one transaction, sealed as before (server stopped)')
+    .requiredOption('--data-dir <dir>', 'data directory made by init');
+  for (const f of SEALER_FACTORIES) for (const opt of f.unsealOptions) rotate.option(opt.flags, opt.description);
+  rotate.action(async (o) => {
+    await rotateMasterKeyCommand(o);
+  });
+}
 
 await runProgram('virtkm-server', program);

@@ -6,7 +6,9 @@ import {
   CredentialServiceClient,
   GuestServiceClient,
   HostServiceClient,
+  RotationServiceClient,
   VolumeServiceClient,
+  UnsealServiceClient,
 } from '../../../shared/src/api.js';
 import { CLIENT_CHANNEL_OPTIONS, channelCredentials } from '../../../shared/src/grpc-client.js';
 
@@ -24,6 +26,8 @@ export interface ApiClients {
   hosts: HostServiceClient;
   credentials: CredentialServiceClient;
   audit: AuditServiceClient;
+  unseal: UnsealServiceClient;
+  rotations: RotationServiceClient;
   close(): void;
 }
 
@@ -37,12 +41,16 @@ export function connectClients(address: string, creds: Credentials): ApiClients 
   const hosts = new HostServiceClient(address, c, channelOverride);
   const credentials = new CredentialServiceClient(address, c, channelOverride);
   const audit = new AuditServiceClient(address, c, channelOverride);
+  const unseal = new UnsealServiceClient(address, c, channelOverride);
+  const rotations = new RotationServiceClient(address, c, channelOverride);
   return {
     volumes,
     guests,
     hosts,
     credentials,
     audit,
+    unseal,
+    rotations,
     close() {
       volumes.close();
     },

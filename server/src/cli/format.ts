@@ -68,7 +68,7 @@ export function volumeView(v: Volume) {
     key_size_bits: v.cipher?.keySizeBits ?? 0,
     sector_size: v.cipher?.sectorSize ?? 0,
     active_key_version: v.activeKeyVersion,
-    key_versions: v.keyVersions.map((k) => ({ version: k.version, state: keyStateName(k.state), created_at: k.createdAt })),
+    key_versions: v.keyVersions.map((k) => ({ version: k.version, state: keyStateName(k.state), created_at: k.createdAt, retired_at: k.retiredAt, destroy_after: k.destroyAfter })),
     guests: v.guestNames,
     created_at: v.createdAt,
   };

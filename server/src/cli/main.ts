@@ -13,14 +13,23 @@ import { DomainError, isDomainError, type ErrorKind } from '../../../shared/src/
 import { callOptions, unaryCall } from '../../../shared/src/grpc-client.js';
 import { formatCredentialBundle, generateTlsKeyPair, parseCredentialBundle } from '../../../shared/src/pki.js';
 import { connectClients, type ApiClients } from './clients.js';
+import type { SubmitShareResponse, UnsealStatusResponse } from '../../../shared/src/api.js';
+import { promptPassphrase } from '../../../shared/src/passphrase.js';
+import { ownedCopy, wipe } from '../../../shared/src/secret-bytes.js';
+import { openSecretFile, readBounded } from '../master-key/secret-files.js';
+import { MAX_SHARE_TEXT } from '../master-key/shamir-sealer.js';
 import { resolveConnection } from './config.js';
 import { FORMAT_NAMES, formatSize, guestView, hostView, parseSize, table, toJson, volumeView } from './format.js';
+import { addRotationCommands, formatVolumeShow, volumeShowView } from './rotation-commands.js';
+import type { CliTerminal } from './terminal.js';
 
 /** What the CLI reads and writes; the real process or a test double. */
 export interface CliIo {
   stdout: (s: string) => void;
   stderr: (s: string) => void;
   env: Record<string, string | undefined>;
+  /** The terminal (questions, live progress); absent: behave as on a pipe. */
+  terminal?: CliTerminal;
 }
 
 const EXIT_OF_KIND: Readonly<Record<ErrorKind, number>> = {
@@ -131,20 +140,9 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
     .option('--json', 'machine-readable output')
     .action(async (ref: string, o: { json?: boolean }) => {
       const res = await rpc((c) => c.volumes.getVolume.bind(c.volumes), { volume: ref });
-      const v = volumeView(res.volume!);
-      out(!!o.json, v, () =>
-        [
-          `name:        ${v.name}`,
-          `id:          ${v.id}`,
-          `size:        ${formatSize(BigInt(v.size_bytes))} (${v.size_bytes} bytes)`,
-          `format:      ${v.format}`,
-          `cipher:      ${v.cipher}, ${v.key_size_bits}-bit key, ${v.sector_size}-byte sectors`,
-          `created:     ${v.created_at}`,
-          `guests:      ${v.guests.join(', ') || '-'}`,
-          `key version: ${v.active_key_version} (active)`,
-          ...v.key_versions.map((k) => `  v${k.version}  ${k.state.padEnd(9)} ${k.created_at}`),
-        ].join('\n') + '\n',
-      );
+      // Key versions with their lifetimes and the newest rotation: rotation-commands.ts.
+      const v = volumeShowView(res);
+      out(!!o.json, v, () => formatVolumeShow(v));
     });
   volume
     .command('delete <volume>')
@@ -352,6 +350,12 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
       if (!r.ok) throw new ExitWith(EXIT_AUDIT_BROKEN);
     });
 
+  // ---- unseal (issue 5) ----
+  addUnsealCommands(program, rpc, out);
+
+  // ---- key rotation (issue 4) ----
+  addRotationCommands(program, { io, rpc, clients: connect });
+
   try {
     await program.parseAsync(argv, { from: 'user' });
     return 0;
@@ -375,4 +379,63 @@ function intOption(flag: string, value: string | undefined): number {
   if (value === undefined) return 0;
   if (!/^\d{1,9}$/.test(value)) throw new DomainError('invalid_argument', `${flag} must be a non-negative integer`);
   return Number(value);
+}
+
+// ---- unseal (issue 5) ------------------------------------------------------------------
+
+type Rpc = <Req, Res>(pick: (c: ApiClients) => UnaryMethod<Req, Res>, req: Req) => Promise<Res>;
+
+function describeUnsealStatus(s: UnsealStatusResponse): string {
+  if (!s.sealed) return `unsealed (master key sealed with ${s.sealer})\n`;
+  const given = s.receivedIndices.length ? ` (shares ${s.receivedIndices.join(', ')})` : '';
+  return `sealed: ${s.received} of the ${s.threshold} shares needed have been given${given}; a ${s.threshold}-of-${s.shares} ${s.sealer} set\n`;
+}
+
+/**
+ * `virtkm unseal [--share-file FILE]` submits one share to a sealed server: read from a
+ * file (owner-only, like every secret file) or asked on the terminal without echo, never
+ * from argv or the environment; the bytes are wiped once sent. `virtkm unseal status`.
+ */
+function addUnsealCommands(program: Command, rpc: Rpc, out: (json: boolean, data: unknown, human: () => string) => void): void {
+  const unseal = program
+    .command('unseal')
+    .description('submit your unseal share to a sealed server (Shamir); asked on the terminal unless --share-file')
+    .option('--share-file <file>', 'file holding your share (mode 0600)')
+    .option('--json', 'machine-readable output')
+    .action(async (o: { shareFile?: string; json?: boolean }) => {
+      const share = o.shareFile ? await readShareFile(o.shareFile) : await promptPassphrase('unseal share: ');
+      let res: SubmitShareResponse;
+      try {
+        res = await rpc((c) => c.unseal.submitShare.bind(c.unseal), { share });
+      } finally {
+        wipe(share);
+      }
+      const s = res.status!;
+      out(!!o.json, { accepted_index: res.acceptedIndex, sealed: s.sealed, received: s.received, threshold: s.threshold, shares: s.shares }, () =>
+        `share ${res.acceptedIndex} accepted; ${s.sealed ? describeUnsealStatus(s) : 'the server is now unsealed\n'}`,
+      );
+    });
+  unseal
+    .command('status')
+    .description('whether the server is sealed, and how many shares have been given')
+    .option('--json', 'machine-readable output')
+    .action(async (o: { json?: boolean }) => {
+      const s = await rpc((c) => c.unseal.unsealStatus.bind(c.unseal), {});
+      out(!!o.json, { sealed: s.sealed, sealer: s.sealer, threshold: s.threshold, shares: s.shares, received: s.received, received_indices: s.receivedIndices }, () => describeUnsealStatus(s));
+    });
+}
+
+async function readShareFile(path: string): Promise<Buffer> {
+  const { handle } = await openSecretFile(path, 'share file');
+  try {
+    const read = await readBounded(handle, MAX_SHARE_TEXT);
+    try {
+      if (read.tooLong) throw new DomainError('invalid_argument', 'the share file is too long to hold one share');
+      return ownedCopy(read.buf.subarray(0, read.length));
+    } finally {
+      wipe(read.buf);
+    }
+  } finally {
+    await handle.close();
+  }
 }

@@ -10,7 +10,7 @@
 import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { link, open as openFile, readFile, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { fsyncDir } from '../../../shared/src/durable-fs.js';
 import { DomainError } from '../../../shared/src/errors.js';
 import { parseSealedMasterKey, type SealedMasterKey } from './sealers.js';
@@ -115,4 +115,52 @@ export async function readMasterKeyFile(dir: string): Promise<SealedMasterKey> {
     throw new DomainError('failed_precondition', 'master key file is not valid JSON', { cause: err });
   }
   return parseSealedMasterKey(value);
+}
+
+/**
+ * Writes a record to `path` (master-key.json, or master-key.next.json during a rotation),
+ * REPLACING whatever is there, atomically and durably: temporary file (0600, exclusive),
+ * fsync, rename over the final name, fsync of the directory. A reader sees the old record
+ * or the new one, never a mix; after a crash at any point, the same. Used by reseal and
+ * rotate-master-key, which run under the data directory's lock.
+ */
+export async function replaceSealedRecordFile(path: string, sealed: SealedMasterKey): Promise<void> {
+  const text = serializeSealedMasterKey(sealed);
+  const dir = dirname(path);
+  const tmpPath = join(dir, `.${basename(path)}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`);
+  let handle: FileHandle | undefined;
+  try {
+    handle = await openFile(tmpPath, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOCTTY, 0o600);
+    await handle.chmod(0o600);
+    await handle.writeFile(text, 'utf8');
+    await handle.sync();
+    await handle.close();
+    handle = undefined;
+    await rename(tmpPath, path);
+  } catch (err) {
+    await handle?.close().catch(() => undefined);
+    await unlink(tmpPath).catch(() => undefined);
+    throw new DomainError('failed_precondition', 'master key file cannot be written', { cause: err });
+  }
+  await fsyncDir(dir);
+}
+
+/** Reads and validates a record at `path`; undefined when there is no such file. */
+export async function readSealedRecordFileIfExists(path: string): Promise<SealedMasterKey | undefined> {
+  let raw: Buffer;
+  try {
+    const info = await stat(path);
+    if (!info.isFile() || info.size > MAX_RECORD_BYTES) throw new DomainError('failed_precondition', 'master key file is not a sealed master key record');
+    raw = await readFile(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    if (err instanceof DomainError) throw err;
+    throw new DomainError('failed_precondition', 'master key file cannot be read', { cause: err });
+  }
+  try {
+    return parseSealedMasterKey(JSON.parse(raw.toString('utf8')));
+  } catch (err) {
+    if (err instanceof DomainError) throw err;
+    throw new DomainError('failed_precondition', 'master key file is not valid JSON', { cause: err });
+  }
 }

@@ -16,10 +16,14 @@
  * it reveals nothing about the KEK). It tells "this is not the KEK that sealed the record"
  * (wrong key file, wrong passphrase) apart from "the record was damaged or tampered with".
  *
- * Two sealers:
+ * Sealers:
  * - key file: the KEK is 32 random bytes in a file of its own, mode 0600;
  * - passphrase: the KEK is Argon2id(passphrase, salt, opslimit, memlimit), with the salt
- *   and cost parameters stored in `params`.
+ *   and cost parameters stored in `params`;
+ * - Shamir (shamir-sealer.ts): a random KEK split into k-of-n shares held by people; the
+ *   record keeps only public commitments to the shares (params);
+ * - PKCS#11 (pkcs11-sealer.ts): a random KEK wrapped by an AES key inside a token;
+ * - TPM 2.0 (tpm-sealer.ts): a random KEK sealed to the TPM, optionally bound to PCRs.
  */
 import { constants as fsConstants } from 'node:fs';
 import { open as openFile, unlink, type FileHandle } from 'node:fs/promises';
@@ -30,6 +34,8 @@ import { loadSodium } from '../../../shared/src/sodium.js';
 import { ownedCopy, randomSecret, wipe } from '../../../shared/src/secret-bytes.js';
 import { openSecretFile, readBounded, type BoundedRead } from './secret-files.js';
 import { fsyncDir } from '../../../shared/src/durable-fs.js';
+import { parsePkcs11WrappedSecret, pkcs11KeyUri, type Pkcs11WrappedSecret } from '../../../shared/src/kek/pkcs11.js';
+import { parseTpmSealedSecret, type TpmSealedSecret } from '../../../shared/src/kek/tpm2.js';
 
 // --- Record ------------------------------------------------------------------------------
 
@@ -47,7 +53,7 @@ export const PASSPHRASE_SALT_LENGTH = 16;
 export const MAX_PASSPHRASE_LENGTH = 4096;
 
 /** How a master key is sealed. */
-export type SealerKind = 'keyfile' | 'passphrase';
+export type SealerKind = 'keyfile' | 'passphrase' | 'shamir' | 'pkcs11' | 'tpm2';
 
 /** Key file records need no parameters. */
 export type KeyFileSealParams = Record<string, never>;
@@ -86,8 +92,53 @@ export interface PassphraseSealedMasterKey extends SealedMasterKeyBase {
   params: PassphraseSealParams;
 }
 
+/**
+ * Parameters of a Shamir record (shamir-sealer.ts): the KEK is split into `shares` shares,
+ * any `threshold` of which rebuild it. Each share is committed to (keyed BLAKE2b-256 of
+ * set id, index and share value: public, reveals nothing about a 256-bit share), so a
+ * wrong share is recognised on its own, before it is combined with the others.
+ */
+export interface ShamirSealParams {
+  scheme: 'shamir-gf256';
+  threshold: number;
+  shares: number;
+  /** Hex of the share set's random 8-byte id (carried inside each share). */
+  setId: string;
+  /** Hex commitment of share i+1 at position i; length `shares`. */
+  commitments: string[];
+}
+
+/** A master key sealed under a KEK split into Shamir shares. */
+export interface ShamirSealedMasterKey extends SealedMasterKeyBase {
+  sealer: 'shamir';
+  params: ShamirSealParams;
+}
+
+/**
+ * Parameters of a PKCS#11 record (pkcs11-sealer.ts): the canonical URI of the token key
+ * (with module-path and pin-source) and the KEK wrapped by that key (shared/src/kek/pkcs11.ts).
+ */
+export interface Pkcs11SealParams extends Pkcs11WrappedSecret {
+  uri: string;
+}
+
+/** A master key sealed under a KEK wrapped by a key inside a PKCS#11 token. */
+export interface Pkcs11SealedMasterKey extends SealedMasterKeyBase {
+  sealer: 'pkcs11';
+  params: Pkcs11SealParams;
+}
+
+/** Parameters of a TPM record (tpm-sealer.ts): the KEK sealed to the TPM (shared/src/kek/tpm2.ts). */
+export type TpmSealParams = TpmSealedSecret;
+
+/** A master key sealed under a KEK sealed to a TPM 2.0. */
+export interface TpmSealedMasterKey extends SealedMasterKeyBase {
+  sealer: 'tpm2';
+  params: TpmSealParams;
+}
+
 /** The JSON-serialisable record of a sealed master key. Holds no secret in the clear. */
-export type SealedMasterKey = KeyFileSealedMasterKey | PassphraseSealedMasterKey;
+export type SealedMasterKey = KeyFileSealedMasterKey | PassphraseSealedMasterKey | ShamirSealedMasterKey | Pkcs11SealedMasterKey | TpmSealedMasterKey;
 
 /** Seals and unseals the master key with one kind of key-encryption key. */
 export interface MasterKeySealer {
@@ -161,6 +212,31 @@ export function parseSealedMasterKey(value: unknown): SealedMasterKey {
       checkArgon2idCost({ opslimit, memlimit }, (what) => malformed(what));
       return { ...base, sealer: 'passphrase', params: { kdf, salt, opslimit, memlimit } };
     }
+    case 'shamir': {
+      const { scheme, threshold, shares, setId, commitments } = params;
+      if (scheme !== 'shamir-gf256') throw malformed('params.scheme');
+      if (typeof shares !== 'number' || !Number.isInteger(shares) || shares < 1 || shares > 255) throw malformed('params.shares');
+      if (typeof threshold !== 'number' || !Number.isInteger(threshold) || threshold < 1 || threshold > shares) throw malformed('params.threshold');
+      if (typeof setId !== 'string' || !HEX_KEY_ID.test(setId)) throw malformed('params.setId');
+      if (!Array.isArray(commitments) || commitments.length !== shares || !commitments.every((c) => typeof c === 'string' && /^[0-9a-f]{64}$/.test(c))) {
+        throw malformed('params.commitments');
+      }
+      return { ...base, sealer: 'shamir', params: { scheme, threshold, shares, setId, commitments: [...(commitments as string[])] } };
+    }
+    case 'pkcs11': {
+      const { uri, ...wrapped } = params;
+      if (typeof uri !== 'string') throw malformed('params.uri');
+      let canonical: string;
+      try {
+        canonical = pkcs11KeyUri(uri).text;
+      } catch {
+        throw malformed('params.uri');
+      }
+      const checked = parsePkcs11WrappedSecret(wrapped, (what) => malformed(`params.${what}`));
+      return { ...base, sealer: 'pkcs11', params: { uri: canonical, ...checked } };
+    }
+    case 'tpm2':
+      return { ...base, sealer: 'tpm2', params: parseTpmSealedSecret(params, (what) => malformed(`params.${what}`)) };
     default:
       throw malformed('sealer');
   }
@@ -171,7 +247,7 @@ export function parseSealedMasterKey(value: unknown): SealedMasterKey {
 const KEK_ID_CONTEXT = Buffer.from('virtkm/v1/kek-id', 'utf8');
 
 /** The KEK as a WrappingKey whose id is BLAKE2b-64 keyed by the KEK (see module comment). */
-async function kekWrappingKey(kek: Uint8Array): Promise<WrappingKey> {
+export async function kekWrappingKey(kek: Uint8Array): Promise<WrappingKey> {
   const sodium = await loadSodium();
   return { id: sodium.crypto_generichash(KEY_ID_LENGTH, KEK_ID_CONTEXT, kek), bytes: kek };
 }
@@ -182,7 +258,7 @@ function checkMasterKey(masterKey: WrappingKey): void {
   }
 }
 
-function sealUnderKek(masterKey: WrappingKey, kek: WrappingKey): { keyId: string; envelope: string } {
+export function sealUnderKek(masterKey: WrappingKey, kek: WrappingKey): { keyId: string; envelope: string } {
   checkMasterKey(masterKey);
   const plaintext = Buffer.allocUnsafeSlow(KEY_ID_LENGTH + 32);
   try {
@@ -199,7 +275,7 @@ function sealUnderKek(masterKey: WrappingKey, kek: WrappingKey): { keyId: string
  * Opens the envelope of `sealed` with `kek`. A KEK id mismatch is `wrongKek` (the caller's
  * unauthenticated error); any other failure is "damaged". Returns an owned master key.
  */
-function unsealUnderKek(sealed: SealedMasterKey, kek: WrappingKey, wrongKek: () => DomainError): WrappingKey {
+export function unsealUnderKek(sealed: SealedMasterKey, kek: WrappingKey, wrongKek: () => DomainError): WrappingKey {
   const envelope = decodeBase64(sealed.envelope);
   if (envelope === undefined) throw malformed('envelope');
   let plaintext: Uint8Array;
@@ -220,9 +296,18 @@ function unsealUnderKek(sealed: SealedMasterKey, kek: WrappingKey, wrongKek: () 
   }
 }
 
-function wrongSealer(expected: SealerKind, sealed: SealedMasterKey): DomainError {
-  const described = sealed.sealer === 'keyfile' ? 'a key file' : 'a passphrase';
-  return new DomainError('failed_precondition', `the master key is sealed with ${described}, not with ${expected === 'keyfile' ? 'a key file' : 'a passphrase'}`);
+/** How each sealer kind is named in messages. */
+const SEALER_DESCRIPTION: Readonly<Record<SealerKind, string>> = {
+  keyfile: 'a key file',
+  passphrase: 'a passphrase',
+  shamir: 'Shamir shares',
+  pkcs11: 'a PKCS#11 token',
+  tpm2: 'a TPM',
+};
+
+export function wrongSealer(expected: SealerKind, sealed: SealedMasterKey): DomainError {
+  const name = (kind: string) => SEALER_DESCRIPTION[kind as SealerKind] ?? kind;
+  return new DomainError('failed_precondition', `the master key is sealed with ${name(sealed.sealer)}, not with ${name(expected)}`);
 }
 
 // --- Key file sealer ---------------------------------------------------------------------
