@@ -42,28 +42,61 @@ export function boxRecipient(raw: Uint8Array): BoxRecipient {
   return { raw: Uint8Array.from(raw), keyObject };
 }
 
-/** crypto_box_seal(message, recipient) with native X25519. */
-export function sealToRecipient(message: Uint8Array, recipient: BoxRecipient): Uint8Array {
-  const s = sodium();
+/**
+ * The X25519 half of one crypto_box_seal: a fresh ephemeral public key and its shared
+ * secret with one recipient. Precomputed ones (server/src/vault/ephemeral-pool.ts) let the
+ * hot path skip both X25519 operations. `shared` is secret; each may seal ONE message.
+ */
+export interface EphemeralShare {
+  /** The ephemeral public key, 32 bytes. */
+  readonly publicKey: Uint8Array;
+  /** X25519(ephemeral secret key, recipient public key), 32 bytes. */
+  readonly shared: Uint8Array;
+}
+
+/**
+ * Generates a fresh ephemeral key pair and returns its public key and the shared secret
+ * with `recipient`; the ephemeral secret key is not kept. The caller wipes `shared`.
+ */
+export function ephemeralShare(recipient: BoxRecipient): EphemeralShare {
   const eph = generateKeyPairSync('x25519');
   // The JWK export is the cheap way to the raw 32 bytes (the DER export costs ~50x more).
-  const epk = Buffer.from(eph.publicKey.export({ format: 'jwk' }).x ?? '', 'base64url');
-  if (epk.length !== 32) throw new Error('unexpected X25519 public key export');
-  const shared = diffieHellman({ privateKey: eph.privateKey, publicKey: recipient.keyObject });
+  const publicKey = Buffer.from(eph.publicKey.export({ format: 'jwk' }).x ?? '', 'base64url');
+  if (publicKey.length !== 32) throw new Error('unexpected X25519 public key export');
+  return { publicKey, shared: diffieHellman({ privateKey: eph.privateKey, publicKey: recipient.keyObject }) };
+}
+
+/** crypto_box_seal(message, recipient) with native X25519. */
+export function sealToRecipient(message: Uint8Array, recipient: BoxRecipient): Uint8Array {
+  const share = ephemeralShare(recipient);
+  try {
+    return sealWithShare(message, recipient, share);
+  } finally {
+    wipe(share.shared);
+  }
+}
+
+/**
+ * crypto_box_seal(message, recipient) with an ephemeral share computed beforehand for this
+ * recipient (ephemeralShare). The caller wipes `share.shared` afterwards and never uses the
+ * share again: a second message under the same share would reuse the nonce.
+ */
+export function sealWithShare(message: Uint8Array, recipient: BoxRecipient, share: EphemeralShare): Uint8Array {
+  const s = sodium();
   const nonceInput = new Uint8Array(64);
-  nonceInput.set(epk, 0);
+  nonceInput.set(share.publicKey, 0);
   nonceInput.set(recipient.raw, 32);
   const nonce = s.crypto_generichash(24, nonceInput, null);
   // crypto_box_beforenm: k = HSalsa20(shared, 0^16)
-  const k = s.crypto_core_hsalsa20(new Uint8Array(16), shared, null);
+  const k = s.crypto_core_hsalsa20(new Uint8Array(16), share.shared, null);
   try {
     const boxed = s.crypto_secretbox_easy(message, nonce, k);
     const out = new Uint8Array(32 + boxed.length);
-    out.set(epk, 0);
+    out.set(share.publicKey, 0);
     out.set(boxed, 32);
     return out;
   } finally {
-    wipe(shared, k);
+    wipe(k);
   }
 }
 

@@ -2,7 +2,12 @@
  * Who is calling: the principal named by the client certificate that the TLS layer has
  * already verified against the internal CA, checked on every call against the
  * certificates table so a revoked certificate is refused on its next call.
+ *
+ * The peer certificate is parsed once per TLS connection (it cannot change within one:
+ * TLS 1.3 has no renegotiation), not on every call; the lookups that carry revocation
+ * (certificate and host rows) still run on every call.
  */
+import { TLSSocket, type PeerCertificate } from 'node:tls';
 import type { ServerSurfaceCall } from '@grpc/grpc-js/build/src/server-call.js';
 import { errors } from '../../../shared/src/errors.js';
 import type { RoleName } from '../domain/model.js';
@@ -30,18 +35,63 @@ function firstValue(v: string | string[] | undefined): string | undefined {
   return Array.isArray(v) ? v[0] : v;
 }
 
+/** What is kept per TLS connection: the parsed certificate and its normalised serial. */
+interface PeerIdentity {
+  cert: PeerCertificate;
+  serial: string;
+}
+
+const identities = new WeakMap<TLSSocket, PeerIdentity | null>();
+
+/**
+ * The TLS socket under a grpc-js server call. grpc-js does not expose it, so this follows
+ * its internal shape (1.14: call.call -> nextCall... -> stream.session.socket) and returns
+ * undefined when that shape is not found, in which case the caller uses getAuthContext().
+ */
+function tlsSocketOf(call: ServerSurfaceCall): TLSSocket | undefined {
+  let c: unknown = (call as { call?: unknown }).call;
+  for (let depth = 0; depth < 16 && typeof c === 'object' && c !== null; depth++) {
+    const stream = (c as { stream?: { session?: { socket?: unknown } } }).stream;
+    if (stream !== undefined) {
+      const socket = stream.session?.socket;
+      return socket instanceof TLSSocket ? socket : undefined;
+    }
+    c = (c as { nextCall?: unknown }).nextCall;
+  }
+  return undefined;
+}
+
+function identityOf(cert: PeerCertificate | undefined): PeerIdentity | null {
+  if (!cert || !cert.raw || !cert.serialNumber || !cert.subject) return null;
+  return { cert, serial: normalizeSerial(cert.serialNumber) };
+}
+
+/** The verified client certificate of the call's connection, parsed once per connection. */
+function peerIdentity(call: ServerSurfaceCall): PeerIdentity | null {
+  const socket = tlsSocketOf(call);
+  if (!socket) return identityOf(call.getAuthContext().sslPeerCertificate);
+  // As grpc-js's getAuthContext: no certificate unless the TLS layer verified it.
+  if (!socket.authorized) return null;
+  let id = identities.get(socket);
+  if (id === undefined) {
+    id = identityOf(socket.getPeerCertificate());
+    identities.set(socket, id);
+  }
+  return id;
+}
+
 /**
  * Authenticates the caller of `call`. Throws unauthenticated when there is no verified
  * client certificate or it is unknown or revoked, and permission_denied when its role is
  * not in `allowed`.
  */
 export function authenticate(call: ServerSurfaceCall, store: StoreReader, allowed: readonly RoleName[]): Principal {
-  const cert = call.getAuthContext().sslPeerCertificate;
-  if (!cert || !cert.serialNumber || !cert.subject) throw errors.unauthenticated('a client certificate is required');
+  const id = peerIdentity(call);
+  if (!id) throw errors.unauthenticated('a client certificate is required');
+  const { cert, serial } = id;
   const role = firstValue(cert.subject.OU) as RoleName | undefined;
   const name = firstValue(cert.subject.CN);
   if (!role || !ROLES.includes(role) || !name) throw errors.unauthenticated('client certificate names no virtkm role');
-  const serial = normalizeSerial(cert.serialNumber);
   const record = store.getCertificate(serial);
   if (!record || record.role !== role || record.name !== name) throw errors.unauthenticated('client certificate is not known to this server');
   if (record.revokedAt !== null) throw errors.unauthenticated('client certificate has been revoked');

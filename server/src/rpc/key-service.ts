@@ -10,6 +10,7 @@ import { errors } from '../../../shared/src/errors.js';
 import type { Clock } from '../domain/clock.js';
 import type { HostRecord } from '../domain/model.js';
 import { isId } from '../domain/volume-spec.js';
+import type { EphemeralSource } from '../vault/ephemeral-pool.js';
 import type { KeyVault } from '../vault/key-vault.js';
 import { actorOf } from './auth.js';
 import { unary, type RpcContext } from './handler.js';
@@ -18,6 +19,8 @@ import { unary, type RpcContext } from './handler.js';
 export interface KeyServiceDeps extends RpcContext {
   vault: KeyVault;
   clock: Clock;
+  /** Precomputed ephemeral X25519 shares (ephemeral-pool.ts); without it packets seal inline. */
+  ephemeral?: EphemeralSource;
 }
 
 /** Most volumes one ReleaseKeys call may ask for. */
@@ -56,7 +59,7 @@ export function createKeyService(deps: KeyServiceDeps): KeyServiceServer {
       }
       const now = clock.now();
       const issuedAt = now.toISOString();
-      const recipient = { hostId: host.id, recipient: recipientOf(host) };
+      const recipient = { hostId: host.id, recipient: recipientOf(host), shares: deps.ephemeral };
       const packets: SealedKeyPacket[] = found.map(({ r }) => vault.packetForHost(r!.volume, r!.key, recipient, issuedAt));
       const released = found.map(({ id, r }) => ({ id, version: r!.key.version }));
       const touch = now.getTime() - (lastTouch.get(host.id) ?? 0) >= TOUCH_INTERVAL_MS;

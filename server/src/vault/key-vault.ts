@@ -5,11 +5,12 @@
  */
 import { KeyPacket, type SealedKeyPacket } from '../../../shared/src/api.js';
 import { FORMAT_TO_API } from '../../../shared/src/formats.js';
-import { sealToRecipient, type BoxRecipient } from '../../../shared/src/box.js';
+import { sealToRecipient, sealWithShare, type BoxRecipient } from '../../../shared/src/box.js';
 import { DecryptionError, destroyWrappingKey, open, seal, volumeSecretAad, type WrappingKey } from '../../../shared/src/envelope.js';
 import { errors } from '../../../shared/src/errors.js';
 import { randomSecret, wipe } from '../../../shared/src/secret-bytes.js';
 import type { KeyVersionRecord, VolumeRecord } from '../domain/model.js';
+import type { EphemeralSource } from './ephemeral-pool.js';
 
 /** Type tag inside every key packet. */
 export const KEY_PACKET_TYPE = 'virtkm.keypacket.v1';
@@ -18,6 +19,11 @@ export const KEY_PACKET_TYPE = 'virtkm.keypacket.v1';
 export interface PacketRecipient {
   hostId: string;
   recipient: BoxRecipient;
+  /**
+   * Precomputed ephemeral shares (ephemeral-pool.ts) to seal with; without one, or when it
+   * has none ready, the packet's ephemeral key is generated inline.
+   */
+  shares?: EphemeralSource;
 }
 
 /** Operations on secrets; see module comment. */
@@ -80,7 +86,15 @@ export function createKeyVault(masterKey: WrappingKey): KeyVault {
           secret: Buffer.from(secret.buffer, secret.byteOffset, secret.byteLength),
           issuedAt,
         }).finish();
-        const sealed = sealToRecipient(encoded, to.recipient);
+        // Taken only now that the secret opened: a share is never spent on a failed packet.
+        const share = to.shares?.take(to.hostId, to.recipient);
+        let sealed: Uint8Array;
+        try {
+          sealed = share ? sealWithShare(encoded, to.recipient, share) : sealToRecipient(encoded, to.recipient);
+        } finally {
+          // One share, one packet: its secret is wiped in the pool's slab right away.
+          if (share) wipe(share.shared);
+        }
         return { volumeId: volume.id, keyVersion: kv.version, sealed: Buffer.from(sealed.buffer, sealed.byteOffset, sealed.byteLength) };
       } finally {
         wipe(secret, encoded);
