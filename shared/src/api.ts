@@ -48,6 +48,8 @@ export {
   StartRotationResponse,
   GetRotationRequest,
   GetRotationResponse,
+  CancelRotationRequest,
+  CancelRotationResponse,
   ListRotationsRequest,
   ListRotationsResponse,
   WatchRotationsRequest,

@@ -243,3 +243,47 @@ test('policies: keys older than the effective maximum age are rotated by the sch
   t.is(m.reason, 'move');
   t.is(m.dueAt, iso(clock.t + 3600_000));
 });
+
+test('a queued rotation can be cancelled, a running one cannot; a compromise request upgrades a queued rotation', async (t) => {
+  const { store, manager } = t.context;
+  await setup(t, 4);
+  const started = (await manager.start({ guest: 'g' }, 'rekey', 'manual', 'admin:a')).rotations;
+  const running = started.filter((r) => r.state === 'running');
+  const queued = started.filter((r) => r.state === 'queued');
+  t.is(queued.length, 2);
+  const err = await t.throwsAsync(manager.cancel(running[0]!.id, 'admin:a'), { instanceOf: DomainError });
+  t.is(err.kind, 'failed_precondition');
+  const c = await manager.cancel(queued[0]!.id, 'admin:a');
+  t.is(c.state, 'failed');
+  t.regex(c.error, /cancelled by admin:a/);
+  t.is(store.openRotationOfVolume(queued[0]!.volumeId), undefined, 'the volume may be rotated again');
+  t.is((await t.throwsAsync(manager.cancel('nope', 'admin:a'), { instanceOf: DomainError })).kind, 'not_found');
+
+  const up = await manager.start({ volume: queued[1]!.volumeId }, 'reencrypt', 'compromise', 'admin:a');
+  const r = store.getRotation(queued[1]!.id)!;
+  t.is(up.rotations[0]!.id, r.id, 'the queued rotation is upgraded, not doubled');
+  t.is(r.reason, 'compromise');
+  t.is(r.kind, 'reencrypt');
+  t.is(r.priority, 100);
+  const onRunning = await manager.start({ volume: running[0]!.volumeId }, 'reencrypt', 'compromise', 'admin:a');
+  t.is(onRunning.skipped.length, 1, 'a running rotation is reported as skipped');
+  t.is(store.getRotation(running[0]!.id)!.reason, 'compromise', 'but its old key goes as soon as it completes');
+  await manager.onHostStatuses('h1', [status(store.getRotation(running[0]!.id)!, 'done')]);
+  t.is(store.getKeyVersions(running[0]!.volumeId)[0]!.state, 'destroyed');
+});
+
+test('the policy scan pages past volumes whose longer policy is not due yet', async (t) => {
+  const { store, manager, clock } = t.context;
+  const vols = await setup(t, 6);
+  await store.write((tx) => {
+    tx.upsertPolicy({ scope: 'global', targetId: '', maxKeyAgeSeconds: 60, kind: 'rekey', reencryptAfterMoveSeconds: 0, updatedAt: iso(T0) });
+    // v1..v5 have a long policy of their own; only v6 is due under the global one.
+    for (const v of vols.slice(0, 5)) tx.upsertPolicy({ scope: 'volume', targetId: v.id, maxKeyAgeSeconds: 86400, kind: 'rekey', reencryptAfterMoveSeconds: 0, updatedAt: iso(T0) });
+  });
+  const small = createRotationManager({ store, vault: createKeyVault({ id: t.context.master.id.slice(), bytes: t.context.master.bytes.slice() }), clock, notifier: { hostsChanged: () => undefined }, logger: silentLogger, settings: { scanLimit: 2, maxPerHost: 10 } });
+  clock.t = T0 + 120_000;
+  await small.tick();
+  t.truthy(store.openRotationOfVolume('v6'), 'found behind five candidates that are not due');
+  for (const v of vols.slice(0, 5)) t.is(store.openRotationOfVolume(v.id), undefined);
+  void manager;
+});

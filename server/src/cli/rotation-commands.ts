@@ -465,6 +465,15 @@ export function addRotationCommands(program: Command, ctx: RotationCliContext): 
       );
     });
   rotation
+    .command('cancel <id>')
+    .description('cancel a queued rotation (a running one cannot be cancelled)')
+    .option('--json', 'machine-readable output')
+    .action(async (id: string, o: { json?: boolean }) => {
+      const res = await rpc((c) => c.rotations.cancelRotation.bind(c.rotations), { id });
+      const r = rotationView(res.rotation!);
+      out(o.json, r, () => `rotation ${r.id} of ${r.volume} cancelled\n`);
+    });
+  rotation
     .command('watch [ids...]')
     .description('follow rotations (default: those queued or running now) until they end: live bars on a terminal, else one line per change')
     .option('--json', 'one JSON object per change and line')

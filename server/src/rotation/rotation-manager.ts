@@ -80,6 +80,8 @@ export interface RotationManager {
   start(target: RotationTarget, kind: RotationKindName, reason: string, actor: string): Promise<{ rotations: RotationRecord[]; skipped: string[] }>;
   /** Starts queued rotations whose host has room. */
   dispatch(): Promise<void>;
+  /** Cancels a queued rotation; failed_precondition once it runs or ended. */
+  cancel(id: string, actor: string): Promise<RotationRecord>;
   /** Applies what a host reported about its rotation orders. */
   onHostStatuses(hostId: string, statuses: RotationStatusInput[]): Promise<void>;
   /** Queues re-encryptions a policy asks for after a guest's move completed. */
@@ -92,6 +94,8 @@ export interface RotationManager {
 }
 
 const MAX_REASON = 200;
+/** Most candidate pages one policy scan reads. */
+const MAX_SCAN_PAGES = 50;
 const MAX_STEP = 200;
 
 /** Normalises an admin's reason ("" is "manual"). */
@@ -226,7 +230,21 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
       const skipped: string[] = [];
       for (const v of volumes) {
         if (!tx.getVolume(v.id)) continue;
-        if (tx.openRotationOfVolume(v.id)) {
+        const open = tx.openRotationOfVolume(v.id);
+        if (open) {
+          // A suspected leak overrides what is already planned: a queued rotation becomes a
+          // compromise re-encryption, first in line; a running one keeps its mechanism but
+          // its old key is destroyed as soon as it completes (a running rekey keeps the
+          // data key: the admin is told it was skipped and re-runs after it ends).
+          if (reason === 'compromise' && open.reason !== 'compromise') {
+            const upgraded: RotationRecord =
+              open.state === 'queued' ? { ...open, reason, priority: PRIORITY.compromise, kind: 'reencrypt' } : { ...open, reason, priority: PRIORITY.compromise };
+            tx.updateRotation(upgraded);
+            if (open.state === 'queued') {
+              made.push(upgraded);
+              continue;
+            }
+          }
           skipped.push(v.name);
           continue;
         }
@@ -348,15 +366,25 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
     if (policies.length === 0) return;
     const at = now();
     const shortest = Math.min(...policies.map((p) => p.maxKeyAgeSeconds));
-    const candidates = store.agedVolumes(plusSeconds(at, -shortest), settings.scanLimit);
+    // Candidates are keys older than the shortest policy; each volume's own policy then
+    // decides. Pages go on until scanLimit volumes are due or MAX_SCAN_PAGES pages were
+    // read, so volumes under longer policies cannot hide due ones behind them.
     const byKind = new Map<RotationKindName, VolumeRecord[]>();
-    for (const c of candidates) {
-      const p = effectivePolicy(store, c.volumeId);
-      if (!p || p.maxKeyAgeSeconds === 0) continue;
-      if (Date.parse(c.keyCreatedAt) + p.maxKeyAgeSeconds * 1000 > Date.parse(at)) continue;
-      const v = store.getVolume(c.volumeId);
-      if (!v) continue;
-      byKind.set(p.kind, [...(byKind.get(p.kind) ?? []), v]);
+    let due = 0;
+    let after: { keyCreatedAt: string; volumeId: string } | undefined;
+    for (let page = 0; page < MAX_SCAN_PAGES && due < settings.scanLimit; page++) {
+      const candidates = store.agedVolumes(plusSeconds(at, -shortest), settings.scanLimit, after);
+      if (candidates.length === 0) break;
+      after = candidates[candidates.length - 1];
+      for (const c of candidates) {
+        const p = effectivePolicy(store, c.volumeId);
+        if (!p || p.maxKeyAgeSeconds === 0) continue;
+        if (Date.parse(c.keyCreatedAt) + p.maxKeyAgeSeconds * 1000 > Date.parse(at)) continue;
+        const v = store.getVolume(c.volumeId);
+        if (!v || due >= settings.scanLimit) continue;
+        byKind.set(p.kind, [...(byKind.get(p.kind) ?? []), v]);
+        due++;
+      }
     }
     for (const [kind, vols] of byKind) {
       const { rotations } = await enqueue(vols, kind, 'scheduled', 'server', () => null);
@@ -377,6 +405,20 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
       return { rotations: result.rotations.map((x) => store.getRotation(x.id) ?? x), skipped: result.skipped };
     },
     dispatch,
+    async cancel(id, actor) {
+      const at = now();
+      const cancelled = await store.write((tx) => {
+        const r = tx.getRotation(id);
+        if (!r) throw errors.notFound('rotation');
+        if (r.state !== 'queued') throw errors.precondition(`rotation is ${r.state}: only a queued rotation can be cancelled`);
+        const c: RotationRecord = { ...r, state: 'failed', step: 'cancelled', error: `cancelled by ${actor}`, finishedAt: at };
+        tx.updateRotation(c);
+        tx.appendAudit({ actor, action: 'key.rotate.cancel', target: r.volumeId, outcome: 'ok', detail: { rotation: r.id, kind: r.kind, reason: r.reason } });
+        return c;
+      });
+      emit([cancelled]);
+      return cancelled;
+    },
     async onHostStatuses(hostId, statuses) {
       const at = now();
       const outcome = await store.write((tx) => {

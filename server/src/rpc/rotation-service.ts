@@ -20,7 +20,7 @@ import type { RotationManager, RotationTarget } from '../rotation/rotation-manag
 import type { StoreReader } from '../store/ports.js';
 import { actorOf, authenticate } from './auth.js';
 import { sendError, unary, type RpcContext } from './handler.js';
-import { hostNameOf, resolveGuest, resolveVolume } from './resolve.js';
+import { hostNameOf, resolveGuest, resolveHost, resolveVolume } from './resolve.js';
 
 export interface RotationServiceDeps extends RpcContext {
   rotations: RotationManager;
@@ -119,7 +119,7 @@ export function createRotationService(deps: RotationServiceDeps): RotationServic
       let target: RotationTarget;
       if (sel.$case === 'volume') target = { volume: resolveVolume(store, sel.value).id };
       else if (sel.$case === 'guest') target = { guest: resolveGuest(store, sel.value).id };
-      else if (sel.$case === 'host') target = { host: sel.value };
+      else if (sel.$case === 'host') target = { host: resolveHost(store, sel.value).id };
       else if (sel.value) target = { all: true };
       else throw errors.invalid('selector "all" must be true');
       // After a suspected leak the data key itself may be known: re-encrypt by default.
@@ -127,6 +127,7 @@ export function createRotationService(deps: RotationServiceDeps): RotationServic
       const result = await rotations.start(target, kind, req.reason, actorOf(p));
       return { rotations: result.rotations.map(show), skipped: result.skipped };
     }),
+    cancelRotation: unary(deps, 'CancelRotation', ADMIN, async (req, p) => ({ rotation: show(await rotations.cancel(req.id, actorOf(p))) })),
     getRotation: unary(deps, 'GetRotation', READ_ROLES, (req) => {
       const r = store.getRotation(req.id);
       if (!r) throw errors.notFound('rotation');

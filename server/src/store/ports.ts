@@ -131,8 +131,11 @@ export interface StoreReader {
   runningRotationsOnHost(hostId: string): RotationRecord[];
   /** Queued rotations in dispatch order: priority, then deadline, then age. */
   queuedRotations(limit: number): RotationRecord[];
-  /** Volumes whose active key was created before `cutoff` and that have no open rotation, oldest first. */
-  agedVolumes(cutoff: string, limit: number): { volumeId: string; keyCreatedAt: string }[];
+  /**
+   * Volumes whose active key was created before `cutoff` and that have no open rotation,
+   * oldest first; `after` continues from the last row of a previous page.
+   */
+  agedVolumes(cutoff: string, limit: number, after?: { keyCreatedAt: string; volumeId: string }): { volumeId: string; keyCreatedAt: string }[];
   /** Retired key versions whose destruction time has come. */
   retiredKeysDue(now: string, limit: number): { volumeId: string; version: number }[];
   getPolicy(scope: PolicyScope, targetId: string): RotationPolicyRecord | undefined;

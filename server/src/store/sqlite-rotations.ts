@@ -136,11 +136,13 @@ function prepare(db: Database.Database) {
     ),
     // Volumes whose active key is older than the cutoff and that have no open rotation,
     // oldest key first.
-    agedVolumes: db.prepare<[string, number], { volume_id: string; created_at: string }>(
+    // Keyset paging on (key created_at, volume id).
+    agedVolumes: db.prepare<[string, string, string, string, number], { volume_id: string; created_at: string }>(
       `SELECT v.id AS volume_id, k.created_at FROM volumes v
          JOIN key_versions k ON k.volume_id = v.id AND k.version = v.active_version
-        WHERE k.created_at < ? AND NOT EXISTS (SELECT 1 FROM rotations r WHERE r.volume_id = v.id AND r.${open})
-        ORDER BY k.created_at LIMIT ?`,
+        WHERE k.created_at < ? AND (k.created_at > ? OR (k.created_at = ? AND v.id > ?))
+          AND NOT EXISTS (SELECT 1 FROM rotations r WHERE r.volume_id = v.id AND r.${open})
+        ORDER BY k.created_at, v.id LIMIT ?`,
     ),
     retireVersion: db.prepare<[string, string | null, string, number]>(
       "UPDATE key_versions SET state = 'retired', retired_at = ?, destroy_after = ? WHERE volume_id = ? AND version = ? AND state IN ('active', 'retired', 'pending')",
@@ -213,8 +215,10 @@ export class SqliteRotationTables {
     return this.#s.queued.all(limit).map(toRotation);
   }
 
-  agedVolumes(cutoff: string, limit: number): { volumeId: string; keyCreatedAt: string }[] {
-    return this.#s.agedVolumes.all(cutoff, limit).map((r) => ({ volumeId: r.volume_id, keyCreatedAt: r.created_at }));
+  agedVolumes(cutoff: string, limit: number, after?: { keyCreatedAt: string; volumeId: string }): { volumeId: string; keyCreatedAt: string }[] {
+    const at = after?.keyCreatedAt ?? '';
+    const id = after?.volumeId ?? '';
+    return this.#s.agedVolumes.all(cutoff, at, at, id, limit).map((r) => ({ volumeId: r.volume_id, keyCreatedAt: r.created_at }));
   }
 
   retiredKeysDue(now: string, limit: number): { volumeId: string; version: number }[] {

@@ -683,8 +683,8 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     return this.#rot.queuedRotations(limit);
   }
 
-  agedVolumes(cutoff: string, limit: number): { volumeId: string; keyCreatedAt: string }[] {
-    return this.#rot.agedVolumes(cutoff, limit);
+  agedVolumes(cutoff: string, limit: number, after?: { keyCreatedAt: string; volumeId: string }): { volumeId: string; keyCreatedAt: string }[] {
+    return this.#rot.agedVolumes(cutoff, limit, after);
   }
 
   retiredKeysDue(now: string, limit: number): { volumeId: string; version: number }[] {
