@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent setup of a Debian 12 machine for building and testing virtkm
-# (`--host-tools` adds libvirt, QEMU, qemu-img, cryptsetup and keyutils for the tests):
+# (`--host-tools` adds libvirt, QEMU, qemu-img, cryptsetup, keyutils, SoftHSM2 and swtpm for the tests):
 #   1. Debian packages, installed only when missing (apt-get update only if needed);
 #   2. npm dependencies (`npm ci`), only when node_modules is missing or stale;
 #   3. `npm run build` (buf generate + tsc).
@@ -19,8 +19,9 @@ die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
 # no prebuilt binary can be downloaded.
 APT_PACKAGES=(openssl sqlite3 procps ca-certificates python3 make g++)
 # With --host-tools (the test suite): what the agent drives on a libvirt host: libvirtd and
-# QEMU (KVM or TCG), qemu-img/qemu-io, cryptsetup, the kernel keyring tools.
-HOST_TOOL_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt0 qemu-system-x86 qemu-utils cryptsetup-bin keyutils)
+# QEMU (KVM or TCG), qemu-img/qemu-io, cryptsetup, the kernel keyring tools, and the
+# PKCS#11 (SoftHSM2) and TPM 2.0 (swtpm, tpm2-tools) stand-ins of the sealer tests.
+HOST_TOOL_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt0 qemu-system-x86 qemu-utils cryptsetup-bin keyutils libkeyutils1 softhsm2 swtpm swtpm-tools tpm2-tools)
 if [[ "${1:-}" == "--host-tools" ]]; then
   APT_PACKAGES+=("${HOST_TOOL_PACKAGES[@]}")
 fi

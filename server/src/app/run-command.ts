@@ -20,7 +20,7 @@ export async function runCommand(raw: ServerRunOptions): Promise<void> {
   const opts = compileServerRunOptions(raw);
   const logger = createLogger({ component: 'virtkm-server', level: opts.logLevel });
   const hygiene = hardenProcess(logger);
-  logger.info('starting', { data_dir: opts.dataDir, dumpable: hygiene.dumpable, memory_locked: hygiene.memoryLocked });
+  logger.info('starting', { data_dir: opts.dataDir, dumpable: hygiene.dumpable, memory_locked: hygiene.memoryLocked, secrets_locked: hygiene.secretsLocked, locked_bytes: hygiene.lockedBytes });
   await loadSodium();
   const paths = dataDirPaths(opts.dataDir);
   if (!existsSync(paths.masterKey)) throw errors.precondition(`${opts.dataDir} is not an initialised data directory`, { hint: 'run `virtkm-server init --data-dir DIR` first' });
