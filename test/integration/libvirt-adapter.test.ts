@@ -357,3 +357,61 @@ libvirtTest(test, env, 'connection: a lost connection is reopened; reads are ret
   await rejectsKind(t, lv.domains.list(), 'unavailable');
   // serial: no other test of this file holds a connection meanwhile, so ours is the only one.
 }, { serial: true });
+
+libvirtTest(test, env, 'block copy: disk, blockCopy into a new LUKS image with another secret, blockJob progress and ready, pivot, errors', async (t) => {
+  const { lv } = t.context;
+  const key = hexKey();
+  const g = await encryptedGuest(t, 'copy', key);
+  await lv.secrets.setValue(g.secret, key);
+  // Not running: no live disk to copy, no job to read.
+  const defined = await lv.domains.disk(g.name, 'vda');
+  t.truthy(defined?.sourcePath);
+  t.is(defined?.secretUuid, g.secret);
+  t.is(defined?.mirror, undefined);
+  t.is(await lv.domains.disk(g.name, 'vdz'), undefined);
+  await rejectsKind(t, lv.domains.blockJob(g.name, 'vda'), 'failed_precondition');
+  await rejectsKind(t, lv.domains.disk(`vkt-${RUN}-nosuch`, 'vda'), 'not_found');
+  await rejectsKind(t, lv.domains.blockJob(g.name, '../vda'), 'invalid_argument');
+
+  await lv.domains.start(g.name);
+  t.true(await waitForFileText(g.serialLog, BOOT_MESSAGE, 60_000));
+  t.is(await lv.domains.blockJob(g.name, 'vda'), undefined);
+  await rejectsKind(t, lv.domains.blockJobAbort(g.name, 'vda', { pivot: true }), 'failed_precondition');
+
+  // The destination: another key, another secret (a second volume usage: libvirt allows one
+  // secret per usage).
+  const destKey = hexKey();
+  const destSecret = randomUUID();
+  t.context.track(t, { secrets: [destSecret] });
+  await lv.secrets.define({ uuid: destSecret, volumeId: `vol-${RUN}-copy-dest`, description: 'copy destination' });
+  await lv.secrets.setValue(destSecret, destKey);
+  const dest = join(join(defined?.sourcePath ?? '', '..'), 'dest.luks');
+  await createLuksImage(dest, destKey, { sizeMiB: 1 }); // the source's size (1 MiB)
+  const destXml = `<disk type='file'><driver name='qemu' type='raw'/><source file='${dest}'><encryption format='luks'><secret type='passphrase' uuid='${destSecret}'/></encryption></source></disk>`;
+  await rejectsKind(t, lv.domains.blockCopy(g.name, 'vdz', destXml, { reuseExternal: true, transientJob: true }), 'invalid_argument');
+  await lv.domains.blockCopy(g.name, 'vda', destXml, { reuseExternal: true, transientJob: true, synchronousWrites: true });
+  await rejectsKind(t, lv.domains.blockCopy(g.name, 'vda', destXml, { reuseExternal: true, transientJob: true }), 'failed_precondition');
+  let info = await lv.domains.blockJob(g.name, 'vda');
+  const deadline = Date.now() + 60_000;
+  while (info && !info.ready && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 50));
+    info = await lv.domains.blockJob(g.name, 'vda');
+  }
+  t.is(info?.type, 'copy');
+  t.true(info?.ready, 'the copy becomes ready');
+  t.true((info?.end ?? 0n) > 0n && info?.cur === info?.end, `cur ${info?.cur} end ${info?.end}`);
+  const mirrored = await lv.domains.disk(g.name, 'vda');
+  t.is(mirrored?.sourcePath, defined?.sourcePath);
+  t.deepEqual(mirrored?.mirror, { path: dest, secretUuid: destSecret, ready: true });
+
+  await lv.domains.blockJobAbort(g.name, 'vda', { pivot: true });
+  t.is(await lv.domains.blockJob(g.name, 'vda'), undefined);
+  const pivoted = await lv.domains.disk(g.name, 'vda');
+  t.is(pivoted?.sourcePath, dest);
+  t.is(pivoted?.secretUuid, destSecret);
+  t.is(pivoted?.mirror, undefined);
+  t.is(await lv.domains.state(g.name), 'running');
+  // libvirt 9 rewrites the persistent definition at the pivot, even for a transient job.
+  t.true((await lv.domains.xml(g.name, { inactive: true })).includes(destSecret));
+  await lv.domains.destroy(g.name);
+});

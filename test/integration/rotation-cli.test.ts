@@ -273,7 +273,7 @@ test.serial('bad input: unknown targets, conflicting flags, rotate --all without
   t.regex(unknownGuest.stderr, /^virtkm: .*not found/m);
   const unknownHost = await admin(t, 'host', 'rotate', 'nope');
   t.is(unknownHost.code, 3);
-  t.regex(unknownHost.stderr, /^virtkm: host not found/m);
+  t.regex(unknownHost.stderr, /^virtkm: host "nope" not found/m);
   const both = await admin(t, 'volume', 'rotate', 'cold', '--rekey', '--reencrypt');
   t.is(both.code, 2);
   t.regex(both.stderr, /^virtkm: option '--reencrypt' cannot be used with option '--rekey'/m);

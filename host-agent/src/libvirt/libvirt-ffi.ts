@@ -492,6 +492,9 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
         (options.synchronousWrites ? VIR_DOMAIN_BLOCK_COPY_SYNCHRONOUS_WRITES : 0);
       await run({ op: 'domain.blockCopy', subject: `domain "${name}"` }, false, (s) =>
         withDomain(s, name, true, async (dom) => {
+          // libvirt's own error for this (VIR_ERR_BLOCK_COPY_ACTIVE) has no kind of its own.
+          const busy = await s.call<number>('virDomainGetBlockJobInfo', s.b.virDomainGetBlockJobInfo, dom, target, {}, 0);
+          if (busy === 1) throw errors.precondition(`domain "${name}": disk ${target} already has a block job`);
           await s.call<number>('virDomainBlockCopy', s.b.virDomainBlockCopy, dom, target, destXml, null, 0, flags);
         }),
       );
@@ -528,6 +531,9 @@ export function createLibvirtFfi(options: LibvirtFfiOptions = {}): Libvirt {
       // (and, for a pivot, once the guest uses the destination).
       await run({ op: 'domain.blockJobAbort', subject: `domain "${name}"` }, false, (s) =>
         withDomain(s, name, true, async (dom) => {
+          // libvirt reports a missing job as an invalid argument; for virtkm it is a state.
+          const found = await s.call<number>('virDomainGetBlockJobInfo', s.b.virDomainGetBlockJobInfo, dom, target, {}, 0);
+          if (found === 0) throw errors.precondition(`domain "${name}": disk ${target} has no block job`);
           await s.call<number>('virDomainBlockJobAbort', s.b.virDomainBlockJobAbort, dom, target, options.pivot ? VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT : 0);
         }),
       );

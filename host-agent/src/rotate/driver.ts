@@ -17,7 +17,8 @@
  * fails is retried on later passes (a tool can fail for passing reasons); after
  * MAX_ATTEMPTS, or at once for a lack of disk space, it is reported failed, but only once
  * the image was checked to open with the old key (if it opens with the new one only, the
- * rotation is reported done instead).
+ * rotation is reported done instead; if it opens with neither, it keeps waiting, so the
+ * server keeps both keys).
  *
  * The driver owns copies of the two keys while a job runs and wipes them when it ends.
  */
@@ -29,6 +30,8 @@ import type { RotationKind, RotationMechanism, RotationProgress } from './types.
 
 /** After this many failed runs of one order, it is reported failed. */
 export const MAX_ATTEMPTS = 3;
+/** Retry interval of an order whose image opens with neither key. */
+export const NEITHER_KEY_RETRY_MS = 10 * 60 * 1000;
 
 /** The mechanisms the driver may use (built in the composition root). */
 export interface RotationMechanisms {
@@ -114,12 +117,13 @@ export interface RotationDriver {
   stop(): Promise<void>;
 }
 
-/** The mechanism for an order, or why there is none. */
-export function chooseMechanism(m: RotationMechanisms, o: Pick<OrderContext, 'kind' | 'guestRunning'> & { format: ImageSpec['format'] }): { mechanism: RotationMechanism; offline: boolean } | { refuse: string } | { wait: string } {
+/** The mechanism for an order, or why there is none; `jobKind`: the kind the mechanism is run with when it is not the order's. */
+export function chooseMechanism(m: RotationMechanisms, o: Pick<OrderContext, 'kind' | 'guestRunning'> & { format: ImageSpec['format'] }): { mechanism: RotationMechanism; offline: boolean; jobKind?: RotationKind } | { refuse: string } | { wait: string } {
   switch (o.format) {
     case 'luks':
     case 'qcow2-luks':
-      if (o.guestRunning) return { mechanism: m.liveCopy, offline: false };
+      // The live copy only re-encrypts: a rekey of a running guest is carried out as one.
+      if (o.guestRunning) return { mechanism: m.liveCopy, offline: false, jobKind: 'reencrypt' };
       return { mechanism: o.kind === 'rekey' ? m.qemuRekey : m.qemuConvert, offline: true };
     case 'luks2':
       if (o.kind === 'rekey') return { mechanism: m.luks2Rekey, offline: false };
@@ -161,7 +165,7 @@ export function createRotationDriver(deps: RotationDriverDeps): RotationDriver {
     abort: undefined,
   });
 
-  const run = (job: Job, order: OrderContext, mechanism: RotationMechanism) => {
+  const run = (job: Job, order: OrderContext, mechanism: RotationMechanism, kind: RotationKind) => {
     const oldKey = ownedCopy(order.oldKey);
     const newKey = ownedCopy(order.newKey);
     const abort = new AbortController();
@@ -171,7 +175,7 @@ export function createRotationDriver(deps: RotationDriverDeps): RotationDriver {
     job.running = (async () => {
       try {
         const result = await mechanism.run(
-          { rotationId: order.rotationId, volumeId: order.volumeId, kind: order.kind, target: order.spec, fromFormat: order.spec.format, oldKey, newKey },
+          { rotationId: order.rotationId, volumeId: order.volumeId, kind, target: order.spec, fromFormat: order.spec.format, oldKey, newKey },
           {
             signal: abort.signal,
             onProgress: (p: RotationProgress) => {
@@ -201,7 +205,13 @@ export function createRotationDriver(deps: RotationDriverDeps): RotationDriver {
         const opensNew = opensOld ? false : await deps.testKey(order.spec, newKey).catch(() => false);
         if (opensOld) Object.assign(job.status, { phase: 'failed', step: 'failed', reason });
         else if (opensNew) Object.assign(job.status, { phase: 'done', step: 'done (found finished)', reason: '' });
-        else Object.assign(job.status, { phase: 'failed', step: 'failed', reason: `${reason}; the image opens with neither key: keep both keys and restore it by hand` });
+        else {
+          // Neither key opens it (e.g. a LUKS2 re-encryption that cryptsetup must finish
+          // first): never "failed", which would let the server retire the new key. The
+          // rotation stays running, so the server keeps both keys, and is retried slowly.
+          job.notBefore = Date.now() + NEITHER_KEY_RETRY_MS;
+          Object.assign(job.status, { phase: 'waiting', step: 'needs attention', reason: `${reason}; the image opens with neither key: both keys are kept, retrying` });
+        }
       } finally {
         wipe(oldKey, newKey);
         job.running = undefined;
@@ -231,7 +241,7 @@ export function createRotationDriver(deps: RotationDriverDeps): RotationDriver {
       job.status.offline = choice.offline;
       const { oldKey: _o, newKey: _n, ...withoutKeys } = order;
       job.order = withoutKeys;
-      run(job, order, choice.mechanism);
+      run(job, order, choice.mechanism, choice.jobKind ?? order.kind);
       return job.status;
     },
     status(rotationId) {

@@ -24,9 +24,13 @@
  *   7. The new key opens P and the old one does not; J is removed.
  *
  * What stays: libvirt's *live* XML of the running guest names T (a file that no longer
- * exists) until the guest next stops; QEMU does not care (it has the file open) and the
- * next start uses the persistent definition. A later live rotation of the same disk
- * accepts such a stale name of an earlier rotation as the canonical image.
+ * exists) until the guest next stops; QEMU has the file open and the next start uses the
+ * persistent definition. But QEMU reopens a node by that name when its permissions change:
+ * the pivot of a later live rotation does so for its source and failed here ("Could not
+ * open T: No such file or directory", job failed while pivoting). So a later live rotation
+ * of the same running guest gives the stale name back to P (a hard link) just before its
+ * copy, and removes it after its own rename. Other operations that reopen the disk by
+ * name (an external snapshot, for example) fail until the guest restarts.
  *
  * Resume after kill -9 at any point (run again with the same job): libvirt says where the
  * guest is. Live source T: the pivot happened, go on with step 5. Live source P and a copy
@@ -44,7 +48,7 @@
  * writer of the volume's libvirt secret.
  */
 import { createHash } from 'node:crypto';
-import { open, readdir, readFile, rename, stat, statfs } from 'node:fs/promises';
+import { link, open, readdir, readFile, rename, stat, statfs } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, normalize } from 'node:path';
 import { DomainError, errors, isDomainError } from '../../../shared/src/errors.js';
 import type { Logger } from '../../../shared/src/log.js';
@@ -265,12 +269,47 @@ export function createLiveCopy(deps: LiveCopyDeps): RotationMechanism {
       }
 
       // ----- steps -----------------------------------------------------------------------
+      const sameFile = async (a: string, b: string): Promise<boolean> => {
+        const [x, y] = await Promise.all([stat(a), stat(b)]);
+        return x.dev === y.dev && x.ino === y.ino;
+      };
       const isCanonicalSource = async (disk: DomainDisk): Promise<boolean> => {
         const src = disk.sourcePath;
         if (src === canonical) return true;
-        // The stale live name of an earlier live rotation (its file was renamed to P).
-        return src !== undefined && src !== temp && isRotationTempOf(canonical, src) && !(await pathExists(src));
+        // The stale live name of an earlier live rotation (its file was renamed to P), or
+        // that name given back to P by restoreSourceName.
+        if (src === undefined || src === temp || !isRotationTempOf(canonical, src)) return false;
+        return !(await pathExists(src)) || (await sameFile(src, canonical));
       };
+
+      /**
+       * QEMU reopens the source of a copy by its file name when the pivot drops it (to take
+       * a read-only descriptor), so a source known under the stale name of an earlier live
+       * rotation makes the pivot fail ("Could not open ...: No such file"). That name is
+       * given back to P as a second link for the time of the copy; finish removes it.
+       */
+      async function restoreSourceName(disk: DomainDisk): Promise<void> {
+        const src = disk.sourcePath;
+        if (src === undefined || src === canonical || (await pathExists(src))) return;
+        try {
+          await link(canonical, src);
+        } catch (err) {
+          throw fsError(err, 'image');
+        }
+        await fsyncDir(dir);
+      }
+
+      /** Removes the names of earlier rotations' destinations (links made by restoreSourceName). */
+      async function removeStaleNames(): Promise<void> {
+        try {
+          for (const name of await readdir(dir)) {
+            const path = join(dir, name);
+            if (path !== temp && isRotationTempOf(canonical, path)) await unlinkQuietly(path);
+          }
+        } catch (err) {
+          throw fsError(err, 'image');
+        }
+      }
 
       /** Removes T and what an interrupted create of T left (the image store's own temporaries of it). */
       async function removeTemp(): Promise<void> {
@@ -305,6 +344,8 @@ export function createLiveCopy(deps: LiveCopyDeps): RotationMechanism {
             throw fsError(err, 'image');
           }
         }
+        // The old image's last names go: nothing under the old key stays behind.
+        await removeStaleNames();
         await fsyncDir(dir);
         const info = (await libvirt.domains.list()).find((d) => d.name === domain);
         if (info?.persistent) {
@@ -325,7 +366,7 @@ export function createLiveCopy(deps: LiveCopyDeps): RotationMechanism {
       }
 
       /** Steps 1-3: a fresh destination and a new copy job. */
-      async function startCopy(): Promise<void> {
+      async function startCopy(disk: DomainDisk): Promise<void> {
         progress('preparing', 0n, spec.sizeBytes, true);
         await removeTemp();
         let size: bigint;
@@ -341,6 +382,7 @@ export function createLiveCopy(deps: LiveCopyDeps): RotationMechanism {
         signal?.throwIfAborted();
         progress('creating', 0n, spec.sizeBytes, true);
         await images.create({ ...spec, path: temp }, newKey);
+        await restoreSourceName(disk);
         let started = false;
         try {
           await ensureSecret('new');
@@ -430,7 +472,7 @@ export function createLiveCopy(deps: LiveCopyDeps): RotationMechanism {
           await rollBackFiles();
           throw new DomainError('unavailable', 'the live copy keeps ending before the pivot; the guest stays on its old image (details in the agent log)');
         }
-        await startCopy();
+        await startCopy(disk);
       }
       throw new DomainError('unavailable', 'the live copy did not finish (details in the agent log)');
     },

@@ -236,8 +236,8 @@ export function createEphemeralPool(options: EphemeralPoolOptions = {}): Ephemer
       closed = true;
       if (sweeper) clearInterval(sweeper);
       for (const ownerId of [...pools.keys()]) drop(ownerId);
-      // Not awaited: the worker is unref'd and holds no state worth waiting for, and under
-      // load its termination was seen to stall the server's shutdown.
+      // Not awaited: the worker is unref'd and holds nothing worth waiting for (its slabs
+      // still in flight die with it, unread; those already here were wiped just above).
       stopWorker('close');
       return Promise.resolve();
     },
