@@ -22,7 +22,7 @@
  */
 import { chmod, lstat, open, stat, unlink } from 'node:fs/promises';
 import { dirname } from 'node:path';
-import { errors } from '../../../shared/src/errors.js';
+import { DomainError, errors } from '../../../shared/src/errors.js';
 import { describeError, silentLogger, type Logger } from '../../../shared/src/log.js';
 import { CRYPTSETUP_EXIT_KINDS, QEMU_EXIT_KINDS, runTool, toolError, type RunTool, type ToolResult } from '../../../shared/src/run-tool.js';
 import { wipe } from '../../../shared/src/secret-bytes.js';
@@ -313,6 +313,15 @@ export function createHostImageStore(options: HostImageStoreOptions = {}): Image
       // qemu-img info would not: it opens without I/O and never checks the key.
       const r = await run(qemuIo, ['-r', '-U', '--object', SECRET_OBJECT, qemuNode(spec.format, path, true), '-c', 'quit'], { fds: [passphrase], timeoutMs });
       if (r.code === 0) return true;
+      // Only qemu-io's error exit can mean "wrong key": killed by a signal is no answer.
+      if (r.code !== 1) throw toolError('qemu-io', r, QEMU_EXIT_KINDS);
+      // -U shares only what we share: a process that does not share consistent reads (a
+      // qemu-img amend changing keyslots, a convert target) also makes the open fail. A
+      // keyless read-only open of the plain file without -U fails exactly then (a running
+      // guest shares reads): the image is busy, which is not "wrong key".
+      const reader = await run(qemuIo, ['-r', '-c', 'quit', `json:${JSON.stringify({ driver: 'raw', file: { driver: 'file', filename: path } })}`], { timeoutMs });
+      if (reader.code === 1) throw new DomainError('unavailable', 'another process is changing the image', { hint: 'a key change or copy may still be running; try again' });
+      if (reader.code !== 0) throw toolError('qemu-io', reader, QEMU_EXIT_KINDS);
       // qemu-io says only "exit 1". Tell a wrong key from other failures without reading
       // its message: the same image without a key (header and keyslot table only) must
       // open. If it does, the one difference, the key, is what failed.
