@@ -27,6 +27,7 @@ import { authenticate, type Principal } from '../rpc/auth.js';
 import type { RpcContext } from '../rpc/handler.js';
 import type { StoreReader } from '../store/ports.js';
 import type { KeyVault } from '../vault/key-vault.js';
+import type { EphemeralSource } from '../vault/ephemeral-pool.js';
 import type { RotationManager, RotationStatusInput } from '../rotation/rotation-manager.js';
 import type { AgentHub, AgentSession } from './agent-hub.js';
 import { buildDesiredState, isHandoffComplete } from './desired-state.js';
@@ -37,6 +38,8 @@ export interface AgentServiceDeps extends RpcContext {
   clock: Clock;
   hub: AgentHub;
   rotations: RotationManager;
+  /** Precomputed ephemeral X25519 shares (vault/ephemeral-pool.ts); without it packets seal inline. */
+  ephemeral?: EphemeralSource;
 }
 
 /** Most guests or volumes one report may list. */
@@ -133,7 +136,7 @@ export function createDesiredStateBuilder(deps: Omit<AgentServiceDeps, 'hub' | '
       if (!key) return undefined;
       released.push({ volumeId: v.id, version: key.version });
       sent.add(`${v.id}:${v.activeVersion}`);
-      return vault.packetForHost(v, key, { hostId, recipient: recipientOf(host) }, issuedAt);
+      return vault.packetForHost(v, key, { hostId, recipient: recipientOf(host), shares: deps.ephemeral }, issuedAt);
     };
     // A running rotation's order carries the new version's packet on every push (the host
     // needs it until it reports the rotation done; pushes happen only on changes).
@@ -148,7 +151,7 @@ export function createDesiredStateBuilder(deps: Omit<AgentServiceDeps, 'hub' | '
         rotationId: r.id,
         kind: r.kind === 'rekey' ? RotationKind.ROTATION_KIND_REKEY : RotationKind.ROTATION_KIND_REENCRYPT,
         targetVersion: r.toVersion,
-        targetPacket: vault.packetForHost(v, key, { hostId, recipient: recipientOf(host) }, issuedAt),
+        targetPacket: vault.packetForHost(v, key, { hostId, recipient: recipientOf(host), shares: deps.ephemeral }, issuedAt),
       };
     };
     const desired = buildDesiredState(hostId, host.desiredRevision, store, packetFor, issuedAt, rotationFor);

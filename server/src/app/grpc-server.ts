@@ -121,7 +121,9 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
   const sentPackets = new Map<string, Set<string>>();
   const sentFor = (hostId: string) => sentPackets.get(hostId) ?? sentPackets.set(hostId, new Set()).get(hostId)!;
   const agentDeps = { ...ctx, vault: deps.vault, clock: deps.clock };
-  const hub = createAgentHub(createDesiredStateBuilder(agentDeps, sentFor), deps.logger.child('agents'));
+  // Key release seals with ephemeral X25519 shares a worker thread computed beforehand.
+  const ephemeral = createEphemeralPool({ logger: deps.logger.child('ephemeral') });
+  const hub = createAgentHub(createDesiredStateBuilder({ ...agentDeps, ephemeral }, sentFor), deps.logger.child('agents'));
   const rotations = createRotationManager({ store: deps.store, vault: deps.vault, clock: deps.clock, notifier: hub, logger: deps.logger.child('rotation'), settings: deps.rotation ?? {} });
   main.addService(AgentServiceService, createAgentService({ ...agentDeps, hub, rotations }, sentFor));
   main.addService(RotationServiceService, createRotationService({ ...ctx, rotations, clock: deps.clock }));
@@ -131,8 +133,6 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
   const hostDeps = { ...ctx, clock: deps.clock, issuer: deps.issuer, enrollAddress: '', hub };
   main.addService(HostServiceService, createHostService(hostDeps));
   main.addService(CredentialServiceService, createCredentialService({ ...ctx, clock: deps.clock, issuer: deps.issuer }));
-  // Key release seals with ephemeral X25519 shares a worker thread computed beforehand.
-  const ephemeral = createEphemeralPool({ logger: deps.logger.child('ephemeral') });
   main.addService(KeyServiceService, createKeyService({ ...ctx, vault: deps.vault, clock: deps.clock, ephemeral }));
   main.addService(AuditServiceService, createAuditService(ctx));
   const health = new HealthImplementation({ '': 'NOT_SERVING', 'virtkm.v1.KeyService': 'NOT_SERVING' });
