@@ -297,3 +297,17 @@ export function reporter(onProgress: ((p: RotationProgress) => void) | undefined
     }
   };
 }
+
+/**
+ * Runs `fn` with the keyslot passphrases of a job's two keys (images/passphrase.ts), wiped
+ * when it settles.
+ */
+export async function withPassphrases<T>(job: RotationJob, fn: (oldPass: Buffer, newPass: Buffer) => Promise<T>): Promise<T> {
+  const oldPass = luksPassphrase(job.oldKey ?? new Uint8Array(0));
+  const newPass = luksPassphrase(job.newKey ?? new Uint8Array(0));
+  try {
+    return await fn(oldPass, newPass);
+  } finally {
+    wipe(oldPass, newPass);
+  }
+}

@@ -73,14 +73,13 @@ import { stat } from 'node:fs/promises';
 import { errors } from '../../../shared/src/errors.js';
 import { describeError, silentLogger, type Logger } from '../../../shared/src/log.js';
 import { CRYPTSETUP_EXIT_KINDS, runTool, toolError, type RunTool, type RunToolOptions } from '../../../shared/src/run-tool.js';
-import { wipe } from '../../../shared/src/secret-bytes.js';
 import { createHostImageStore, LUKS2_DATA_OFFSET_BYTES } from '../images/image-store.js';
-import { luksPassphrase } from '../images/passphrase.js';
 import type { ImageSpec, ImageStore } from '../images/types.js';
 import { removeFiles, rotationFilePath } from './common.js';
 import { finaliseReencryption, finishedDataPhase, readLuks2Metadata } from './luks2-finalize.js';
 import {
   checkLuks2Job,
+  withPassphrases,
   dropUnboundKeyslots,
   freeKeyslot,
   keyslotAreaBytes,
@@ -324,13 +323,7 @@ export function createLuks2Reencrypt(options: Luks2ReencryptOptions = {}): Rotat
 
   async function runReencrypt(job: RotationJob, hooks: RotationHooks = {}): Promise<RotationResult> {
     const target = checkLuks2Job(job, 'reencrypt', NAME);
-    const oldPass = luksPassphrase(job.oldKey ?? new Uint8Array(0));
-    const newPass = luksPassphrase(job.newKey ?? new Uint8Array(0));
-    try {
-      return await runJob(job, target, hooks, oldPass, newPass);
-    } finally {
-      wipe(oldPass, newPass);
-    }
+    return withPassphrases(job, (oldPass, newPass) => runJob(job, target, hooks, oldPass, newPass));
   }
 
   return { name: NAME, run: runReencrypt };

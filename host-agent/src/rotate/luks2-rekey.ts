@@ -36,13 +36,12 @@ import { dirname } from 'node:path';
 import { errors } from '../../../shared/src/errors.js';
 import { describeError, silentLogger, type Logger } from '../../../shared/src/log.js';
 import { runTool, type RunTool } from '../../../shared/src/run-tool.js';
-import { wipe } from '../../../shared/src/secret-bytes.js';
 import { fsyncDir, pathExists, unlinkQuietly } from '../images/files.js';
 import { createHostImageStore } from '../images/image-store.js';
-import { luksPassphrase } from '../images/passphrase.js';
 import type { ImageSpec, ImageStore } from '../images/types.js';
 import {
   checkLuks2Job,
+  withPassphrases,
   freeKeyslot,
   keyslotAreaBytes,
   largestFreeKeyslotArea,
@@ -212,13 +211,7 @@ export function createLuks2Rekey(options: Luks2RekeyOptions = {}): RotationMecha
 
   async function runRekey(job: RotationJob, hooks: RotationHooks = {}): Promise<RotationResult> {
     const target = checkLuks2Job(job, 'rekey', NAME);
-    const oldPass = luksPassphrase(job.oldKey ?? new Uint8Array(0));
-    const newPass = luksPassphrase(job.newKey ?? new Uint8Array(0));
-    try {
-      return await runJob(job, target, hooks, oldPass, newPass);
-    } finally {
-      wipe(oldPass, newPass);
-    }
+    return withPassphrases(job, (oldPass, newPass) => runJob(job, target, hooks, oldPass, newPass));
   }
 
   return { name: NAME, run: runRekey };

@@ -16,7 +16,8 @@ import { isAbsolute, resolve } from 'node:path';
 import { DomainError } from '../../../shared/src/errors.js';
 import { pkcs11KeyUri, pkcs11Unwrap, pkcs11Wrap } from '../../../shared/src/kek/pkcs11.js';
 import { randomSecret, wipe } from '../../../shared/src/secret-bytes.js';
-import type { SealerFactory, SealerOptionValues } from './registry.js';
+import type { SealerFactory } from './registry.js';
+import { optionString } from './sealer-options.js';
 import {
   KEK_LENGTH,
   SEALED_MASTER_KEY_FORMAT,
@@ -75,11 +76,6 @@ export function pkcs11Sealer(options: Pkcs11SealerOptions): MasterKeySealer {
   };
 }
 
-function option(options: SealerOptionValues, key: string): string | undefined {
-  const v = options[key];
-  return typeof v === 'string' && v !== '' ? v : undefined;
-}
-
 /** PKCS#11 in the sealer registry (registry.ts). */
 export const pkcs11Factory: SealerFactory = {
   kind: 'pkcs11',
@@ -91,9 +87,9 @@ export const pkcs11Factory: SealerFactory = {
   unsealOptions: [],
   unsealsOnline: false,
   async prepareSeal(ctx, options) {
-    const uri = option(options, 'pkcs11Uri');
+    const uri = optionString(options, 'pkcs11Uri');
     if (uri === undefined) throw new DomainError('invalid_argument', 'sealing with a PKCS#11 token needs --pkcs11-uri URI');
-    const pin = option(options, 'pinFile');
+    const pin = optionString(options, 'pinFile');
     const pinFile = pin === undefined ? undefined : isAbsolute(pin) ? pin : resolve(pin);
     // Checked now, so a bad URI is refused before anything else happens.
     pkcs11KeyUri(uri, pinFile);

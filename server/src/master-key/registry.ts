@@ -45,7 +45,8 @@ export interface SealerOption {
 }
 
 /** Option values as commander gives them (camelCase keys). */
-export type SealerOptionValues = Readonly<Record<string, unknown>>;
+export type { SealerOptionValues } from './sealer-options.js';
+import { optionString, type SealerOptionValues } from './sealer-options.js';
 
 /** What a factory may use. */
 export interface SealerContext {
@@ -88,10 +89,6 @@ export interface SealerFactory {
 
 // --- helpers ---------------------------------------------------------------------------
 
-function str(options: SealerOptionValues, key: string): string | undefined {
-  const v = options[key];
-  return typeof v === 'string' && v !== '' ? v : undefined;
-}
 
 function strList(options: SealerOptionValues, key: string): string[] {
   const v = options[key];
@@ -210,7 +207,7 @@ export const passphraseFactory: SealerFactory = {
   unsealOptions: [{ flags: '--passphrase-file <file>', description: 'passphrase that seals the current master key (else asked on the terminal)' }],
   unsealsOnline: false,
   async prepareSeal(ctx, options) {
-    const file = str(options, 'newPassphraseFile');
+    const file = optionString(options, 'newPassphraseFile');
     const prompt = options['newPassphrasePrompt'] === true;
     if (!file === !prompt) throw new DomainError('invalid_argument', 'give the new passphrase with either --new-passphrase-file or --new-passphrase-prompt');
     const cost = argon2Cost(options);
@@ -234,7 +231,7 @@ export const passphraseFactory: SealerFactory = {
   async prepareUnseal(ctx, record, options) {
     if (record.sealer !== 'passphrase') throw new DomainError('failed_precondition', 'the master key is not sealed with a passphrase');
     // Asked once, kept for the operation, so a rotation can seal the new key with it too.
-    const file = str(options, 'passphraseFile');
+    const file = optionString(options, 'passphraseFile');
     const cached = file ? await readPassphraseFile(file) : await ctx.ask('master key passphrase: ');
     const { opslimit, memlimit } = record.params;
     return {
@@ -300,7 +297,7 @@ export const shamirFactory: SealerFactory = {
     if (threshold < 2) {
       throw new DomainError('invalid_argument', '--threshold must be at least 2: with 1, every share alone is the whole key', { hint: 'use the key file or passphrase sealer for a single holder' });
     }
-    const outDir = str(options, 'sharesOutDir');
+    const outDir = optionString(options, 'sharesOutDir');
     if (outDir && !(await stat(outDir).then((s) => s.isDirectory(), () => false))) {
       throw new DomainError('invalid_argument', '--shares-out-dir must be an existing directory');
     }

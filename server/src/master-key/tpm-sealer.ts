@@ -11,7 +11,8 @@
 import { DomainError } from '../../../shared/src/errors.js';
 import { checkTcti, parsePcrSelection, tpmSeal, tpmUnseal } from '../../../shared/src/kek/tpm2.js';
 import { randomSecret, wipe } from '../../../shared/src/secret-bytes.js';
-import type { SealerFactory, SealerOptionValues } from './registry.js';
+import type { SealerFactory } from './registry.js';
+import { optionString } from './sealer-options.js';
 import {
   KEK_LENGTH,
   SEALED_MASTER_KEY_FORMAT,
@@ -61,11 +62,6 @@ export function tpmSealer(options: TpmSealerOptions = {}): MasterKeySealer {
   };
 }
 
-function option(options: SealerOptionValues, key: string): string | undefined {
-  const v = options[key];
-  return typeof v === 'string' && v !== '' ? v : undefined;
-}
-
 /** TPM 2.0 in the sealer registry (registry.ts). */
 export const tpmFactory: SealerFactory = {
   kind: 'tpm2',
@@ -77,8 +73,8 @@ export const tpmFactory: SealerFactory = {
   unsealOptions: [],
   unsealsOnline: false,
   async prepareSeal(_ctx, options) {
-    const tcti = option(options, 'tpmTcti');
-    const pcrs = option(options, 'tpmPcrs');
+    const tcti = optionString(options, 'tpmTcti');
+    const pcrs = optionString(options, 'tpmPcrs');
     // Checked now, so bad options are refused before anything else happens.
     if (tcti !== undefined) checkTcti(tcti);
     if (pcrs !== undefined) parsePcrSelection(pcrs);
