@@ -6,28 +6,14 @@
 import anyTest, { type TestFn } from 'ava';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { status, type ClientDuplexStream } from '@grpc/grpc-js';
-import {
-  AgentServiceClient,
-  GuestPhase,
-  KeyPacket,
-  VolumePhase,
-  type ConnectRequest,
-  type ConnectResponse,
-  type DesiredState,
-} from '../../shared/src/api.js';
-import { generateBoxKeyPair, openSealed, type BoxKeyPair } from '../../shared/src/box.js';
-import { enrollHost } from '../../shared/src/enroll-client.js';
-import { CLIENT_CHANNEL_OPTIONS, channelCredentials } from '../../shared/src/grpc-client.js';
-import { generateTlsKeyPair } from '../../shared/src/pki.js';
+import { status } from '@grpc/grpc-js';
+import { GuestPhase, KeyPacket, VolumePhase } from '../../shared/src/api.js';
+import { openSealed } from '../../shared/src/box.js';
 import { loadSodium } from '../../shared/src/sodium.js';
 import { cli, initDataDir, startServer, tempDir, type ServerProcess } from '../helpers/server-harness.js';
+import { FakeAgent, enrollFakeHost, type FakeHost } from '../helpers/fake-agent.js';
 
-interface Host {
-  name: string;
-  box: BoxKeyPair;
-  creds: { caCertPem: string; certPem: string; keyPem: string };
-}
+type Host = FakeHost;
 
 interface Ctx {
   dir: { path: string; remove: () => void };
@@ -36,56 +22,6 @@ interface Ctx {
 }
 const test = anyTest as TestFn<Ctx>;
 
-/** A scripted agent: a stream plus a queue of received desired states. */
-class FakeAgent {
-  readonly states: DesiredState[] = [];
-  readonly stream: ClientDuplexStream<ConnectRequest, ConnectResponse>;
-  ended: { code: number; details: string } | undefined;
-  #waiters: (() => void)[] = [];
-  constructor(address: string, host: Host) {
-    const client = new AgentServiceClient(address, channelCredentials(host.creds), CLIENT_CHANNEL_OPTIONS);
-    this.stream = client.connect();
-    this.stream.on('data', (m: ConnectResponse) => {
-      if (m.msg?.$case === 'desired') this.states.push(m.msg.value);
-      this.#wake();
-    });
-    this.stream.on('error', (e: { code: number; details: string }) => {
-      this.ended = { code: e.code, details: e.details };
-      this.#wake();
-    });
-    this.stream.write({ msg: { $case: 'hello', value: { agentVersion: 'test', appliedRevision: 0n } } });
-  }
-  #wake() {
-    for (const w of this.#waiters.splice(0)) w();
-  }
-  async until<T>(pred: () => T | undefined, what: string, timeoutMs = 10_000): Promise<T> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const v = pred();
-      if (v !== undefined && v !== false) return v;
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-      await new Promise<void>((r) => {
-        this.#waiters.push(r);
-        setTimeout(r, 200);
-      });
-    }
-  }
-  latest(): DesiredState | undefined {
-    return this.states.at(-1);
-  }
-  report(revision: bigint, guests: { guestId: string; generation: bigint; phase: GuestPhase }[], volumes: { volumeId: string; keyVersion: number; phase: VolumePhase }[]) {
-    this.stream.write({
-      msg: {
-        $case: 'report',
-        value: { revision, guests: guests.map((g) => ({ ...g, reason: '' })), volumes: volumes.map((v) => ({ ...v, reason: '', created: false })), deletedImages: [], rotations: [] },
-      },
-    });
-  }
-  close() {
-    this.stream.cancel();
-  }
-}
-
 const xml = (name: string, vols: string[]) =>
   `<domain type='kvm'><name>${name}</name><devices>${vols.map((v, i) => `<disk type='volume' device='disk'><source pool='virtkm' volume='${v}'/><target dev='vd${'abc'[i]}'/></disk>`).join('')}</devices></domain>`;
 
@@ -93,10 +29,7 @@ const admin = (t: { context: Ctx }, ...args: string[]) => cli(['--server', t.con
 
 async function enroll(t: { context: Ctx }, name: string): Promise<Host> {
   const token = (JSON.parse((await admin(t, 'host', 'token', 'create', name, '--json')).stdout) as { token: string }).token;
-  const tls = await generateTlsKeyPair();
-  const box = generateBoxKeyPair();
-  const r = await enrollHost(t.context.server.enrollAddress, token, { tlsPublicKey: tls.publicKeyDer, boxPublicKey: box.publicKey });
-  return { name, box, creds: { caCertPem: r.caCertificatePem, certPem: r.certificatePem, keyPem: tls.privateKeyPem } };
+  return enrollFakeHost(t.context.server.enrollAddress, name, token);
 }
 
 test.before(async (t) => {

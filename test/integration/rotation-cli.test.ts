@@ -8,34 +8,15 @@
 import anyTest, { type TestFn } from 'ava';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { ClientDuplexStream } from '@grpc/grpc-js';
-import {
-  AgentServiceClient,
-  GuestPhase,
-  KeyPacket,
-  RotationKind,
-  RotationPhase,
-  VolumePhase,
-  type ConnectRequest,
-  type ConnectResponse,
-  type DesiredState,
-  type RotationOrder,
-  type RotationStatus,
-} from '../../shared/src/api.js';
-import { generateBoxKeyPair, openSealed, type BoxKeyPair } from '../../shared/src/box.js';
-import { enrollHost } from '../../shared/src/enroll-client.js';
-import { CLIENT_CHANNEL_OPTIONS, channelCredentials } from '../../shared/src/grpc-client.js';
-import { generateTlsKeyPair } from '../../shared/src/pki.js';
+import { KeyPacket, RotationKind, RotationPhase, type RotationStatus } from '../../shared/src/api.js';
+import { openSealed } from '../../shared/src/box.js';
 import { loadSodium } from '../../shared/src/sodium.js';
 import { main as cliMain } from '../../server/src/cli/main.js';
 import type { CliTerminal } from '../../server/src/cli/terminal.js';
 import { cli, initDataDir, startServer, tempDir, type ServerProcess } from '../helpers/server-harness.js';
+import { FakeAgent, enrollFakeHost, type FakeHost } from '../helpers/fake-agent.js';
 
-interface Host {
-  name: string;
-  box: BoxKeyPair;
-  creds: { caCertPem: string; certPem: string; keyPem: string };
-}
+type Host = FakeHost;
 
 interface Ctx {
   dir: { path: string; remove: () => void };
@@ -49,70 +30,6 @@ const test = anyTest as TestFn<Ctx>;
 const MiB = 1024 * 1024;
 /** The grace period the server runs with here (destroy_after = retired_at + this). */
 const GRACE_SECONDS = 86_400;
-
-/** A scripted agent: one stream, the desired states it received, reports and progress. */
-class FakeAgent {
-  readonly states: DesiredState[] = [];
-  readonly stream: ClientDuplexStream<ConnectRequest, ConnectResponse>;
-  #waiters: (() => void)[] = [];
-  constructor(address: string, host: Host) {
-    const client = new AgentServiceClient(address, channelCredentials(host.creds), CLIENT_CHANNEL_OPTIONS);
-    this.stream = client.connect();
-    this.stream.on('data', (m: ConnectResponse) => {
-      if (m.msg?.$case === 'desired') this.states.push(m.msg.value);
-      this.#wake();
-    });
-    this.stream.on('error', () => this.#wake());
-    this.stream.write({ msg: { $case: 'hello', value: { agentVersion: 'test', appliedRevision: 0n } } });
-  }
-  #wake() {
-    for (const w of this.#waiters.splice(0)) w();
-  }
-  async until<T>(pred: () => T | undefined | false, what: string, timeoutMs = 10_000): Promise<T> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const v = pred();
-      if (v !== undefined && v !== false) return v;
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-      await new Promise<void>((r) => {
-        this.#waiters.push(r);
-        setTimeout(r, 200);
-      });
-    }
-  }
-  latest(): DesiredState | undefined {
-    return this.states.at(-1);
-  }
-  /** The rotation order for a rotation id in some desired state received. */
-  order(rotationId: string): Promise<{ state: DesiredState; order: RotationOrder }> {
-    return this.until(() => {
-      for (const s of this.states) {
-        for (const g of s.guests) for (const v of g.volumes) if (v.rotation?.rotationId === rotationId) return { state: s, order: v.rotation };
-      }
-      return undefined;
-    }, `rotation order ${rotationId}`);
-  }
-  report(revision: bigint, guests: { guestId: string; generation: bigint }[], volumes: { volumeId: string; keyVersion: number }[], rotations: RotationStatus[] = []) {
-    this.stream.write({
-      msg: {
-        $case: 'report',
-        value: {
-          revision,
-          guests: guests.map((g) => ({ ...g, phase: GuestPhase.GUEST_PHASE_RUNNING, reason: '' })),
-          volumes: volumes.map((v) => ({ ...v, phase: VolumePhase.VOLUME_PHASE_READY, reason: '', created: false })),
-          deletedImages: [],
-          rotations,
-        },
-      },
-    });
-  }
-  progress(rotations: RotationStatus[]) {
-    this.stream.write({ msg: { $case: 'progress', value: { rotations } } });
-  }
-  close() {
-    this.stream.cancel();
-  }
-}
 
 const status = (rotationId: string, volumeId: string, targetVersion: number, phase: RotationPhase, done: number, total: number, rate: number, step: string, reason = ''): RotationStatus => ({
   rotationId,
@@ -209,10 +126,7 @@ test.before(async (t) => {
   const server = await startServer(join(dir.path, 'data'), ['--key-grace', '1d']);
   t.context = { dir, server, shared: {} } as Ctx;
   const token = json<{ token: string }>(await admin(t, 'host', 'token', 'create', 'hv1', '--json')).token;
-  const tls = await generateTlsKeyPair();
-  const box = generateBoxKeyPair();
-  const r = await enrollHost(server.enrollAddress, token, { tlsPublicKey: tls.publicKeyDer, boxPublicKey: box.publicKey });
-  t.context.hv1 = { name: 'hv1', box, creds: { caCertPem: r.caCertificatePem, certPem: r.certificatePem, keyPem: tls.privateKeyPem } };
+  t.context.hv1 = await enrollFakeHost(server.enrollAddress, 'hv1', token);
 });
 
 test.after.always(async (t) => {
