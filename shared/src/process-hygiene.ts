@@ -11,43 +11,37 @@
  *   ownedCopy()/randomSecret() allocate from it from then on. VmLck is then > 0 (1 MiB per
  *   arena chunk).
  *
- * What it deliberately does NOT do: mlockall(). Locking memory is incompatible with V8 in
- * Node 20 (V8 11.3). When V8 releases heap pages it calls mprotect(PROT_NONE) and then
- * madvise(MADV_DONTNEED), and treats a failing madvise as fatal ("Check failed: 0 == ret" in
- * v8::base::OS::SetPermissions); the kernel refuses MADV_DONTNEED on locked pages with
- * EINVAL. With any of MCL_CURRENT, MCL_FUTURE or MCL_ONFAULT (and with --single-threaded-gc,
- * --no-memory-reducer, locking after startup, as root with CAP_IPC_LOCK so RLIMIT_MEMLOCK
- * plays no part) the process dies with SIGTRAP at the first GC that frees pages;
- * test/unit/process-hygiene.test.ts keeps a probe of it. So copies of secrets that pass
- * through the V8 heap or other native buffers may reach swap if the machine swaps: run the
- * service without swap, with encrypted swap, or with systemd's MemorySwapMax=0 (cgroup v2
- * memory.swap.max). hardenProcess() reports whether swap can reach this process.
+ * - Locks all of the process's memory (mlockall) when it can: shared/src/memory-lock.ts
+ *   explains how (V8 needs a preloaded madvise library for that, which the `run` commands
+ *   relaunch themselves with) and when it cannot (no CAP_IPC_LOCK with a finite
+ *   RLIMIT_MEMLOCK, the library not built). Where it cannot, copies of secrets that pass
+ *   through the V8 heap or other native buffers may reach swap if the machine swaps: run
+ *   the service without swap, with encrypted swap, or with systemd's MemorySwapMax=0
+ *   (cgroup v2 memory.swap.max); hardenProcess() warns when swap can reach this process.
  */
 import { readFileSync } from 'node:fs';
+import { errors } from './errors.js';
 import { enableLockedMemory } from './locked-memory.js';
+import { lockAllMemory, type MemoryLockMode } from './memory-lock.js';
 import type { Logger } from './log.js';
 
 /** prctl option: read the dumpable flag. */
 export const PR_GET_DUMPABLE = 3;
 /** prctl option: set the dumpable flag. */
 export const PR_SET_DUMPABLE = 4;
-/** mlockall flags (Linux), for reference and for the compatibility probe in the tests. */
-export const MCL_CURRENT = 1;
-/** See MCL_CURRENT. */
-export const MCL_FUTURE = 2;
-/** See MCL_CURRENT. */
-export const MCL_ONFAULT = 4;
 
 /** The outcome of hardenProcess. */
 export interface HardeningResult {
   /** Whether the process is still dumpable afterwards (false = hardened). */
   dumpable: boolean;
-  /** Whether all of the process's memory is locked (mlockall); always false (see module comment). */
+  /** Whether all of the process's memory is locked (mlockall, see memory-lock.ts). */
   memoryLocked: boolean;
   /** Whether the locked arena for keys is in use (secret-bytes allocates from it). */
   secretsLocked: boolean;
   /** Bytes of the locked arena right after hardening (VmLck is at least this). */
   lockedBytes: number;
+  /** Why the memory is not locked as a whole (when memoryLocked is false). */
+  memoryLockReason?: string;
   /** True when swap is on and not disabled for this process's cgroup. */
   swapPossible: boolean;
 }
@@ -125,13 +119,16 @@ export function readHygieneStatus(): HygieneStatus {
 }
 
 /**
- * Hardens the current process: makes it non-dumpable (prctl PR_SET_DUMPABLE 0) and locks the
- * arena that secret-bytes allocates keys from. Never throws: a failure is a warning in the
- * log and shows in the result. The rest of memory is not locked (see module comment); when
- * swap can reach the process that is logged as a warning with what to do about it. Call it
- * early, before any secret is loaded.
+ * Hardens the current process: makes it non-dumpable (prctl PR_SET_DUMPABLE 0), locks all
+ * of its memory where it can (mode `auto`, the default) or must (`require`: throws a
+ * precondition error when it cannot), and locks the arena that secret-bytes allocates keys
+ * from (also with mlockall: the arena adds MADV_DONTDUMP and MADV_WIPEONFORK). Apart from
+ * `require`, it never throws: a failure is a warning in the log and shows in the result.
+ * Call it early, before any secret is loaded; a `run` command calls
+ * relaunchWithMadviseShim() (memory-lock.ts) before it.
  */
-export function hardenProcess(logger: Logger): HardeningResult {
+export function hardenProcess(logger: Logger, options: { memoryLock?: MemoryLockMode } = {}): HardeningResult {
+  const mode = options.memoryLock ?? 'auto';
   let dumpable = true;
   if (!libc) {
     logger.warn('process hardening unavailable: cannot load libc through koffi; the process stays dumpable');
@@ -141,6 +138,11 @@ export function hardenProcess(logger: Logger): HardeningResult {
     dumpable = readHygieneStatus().dumpable !== 0;
   }
 
+  const lock = lockAllMemory(mode);
+  if (!lock.locked && mode === 'require') {
+    throw errors.precondition(`cannot lock the process memory: ${lock.reason ?? 'unknown'}`, { hint: 'run as root or with CAP_IPC_LOCK, build dist/native (npm run build, needs a C compiler), or use --memory-lock auto' });
+  }
+
   const arena = enableLockedMemory();
   if (arena.enabled) {
     logger.debug('keys are kept in locked memory', { locked_bytes: arena.lockedBytes });
@@ -148,13 +150,23 @@ export function hardenProcess(logger: Logger): HardeningResult {
     logger.warn('keys cannot be kept in locked memory; they stay in ordinary memory', { reason: arena.reason ?? 'unknown' });
   }
 
-  const swapPossible = swapReachesProcess();
-  if (swapPossible) {
-    logger.warn('swap is active: keys are in locked memory, but transient copies of secrets in the rest of the process (mlockall is incompatible with V8) may be written to swap', {
-      hint: 'disable swap, use encrypted swap, or run the service with MemorySwapMax=0',
+  const swapPossible = !lock.locked && swapReachesProcess();
+  if (lock.locked) {
+    logger.debug('all memory of the process is locked (mlockall)');
+  } else if (swapPossible) {
+    logger.warn('swap is active and the process memory is not locked as a whole: keys are in locked memory, but transient copies of secrets elsewhere in the process may be written to swap', {
+      reason: lock.reason ?? 'unknown',
+      hint: 'run as root or with CAP_IPC_LOCK, or disable swap, use encrypted swap, or run the service with MemorySwapMax=0',
     });
   } else {
-    logger.debug('the process memory is not locked as a whole (mlockall is incompatible with V8); swap cannot reach this process');
+    logger.info('the process memory is not locked as a whole; swap cannot reach this process', { reason: lock.reason ?? 'unknown' });
   }
-  return { dumpable, memoryLocked: false, secretsLocked: arena.enabled, lockedBytes: arena.lockedBytes, swapPossible };
+  return {
+    dumpable,
+    memoryLocked: lock.locked,
+    secretsLocked: arena.enabled,
+    lockedBytes: arena.lockedBytes,
+    swapPossible,
+    ...(lock.locked ? {} : { memoryLockReason: lock.reason ?? 'unknown' }),
+  };
 }

@@ -2,9 +2,11 @@
  * The real virtkm-server and virtkm-agent processes, checked from outside: locked memory
  * (VmLck in /proc/<pid>/status) and non-dumpability.
  *
- * VmLck: the processes do not mlockall (V8 aborts with locked heap pages, see
- * shared/src/process-hygiene.ts); they lock the arena their keys live in
- * (shared/src/locked-memory.ts), so VmLck is at least one 1 MiB chunk and well below VmRSS.
+ * Locked memory: with CAP_IPC_LOCK (root here) the services relaunch themselves with the
+ * madvise library and lock all of their memory (shared/src/memory-lock.ts): "Locked"
+ * equals "Pss" in /proc/<pid>/smaps_rollup, VmLck covers every mapping (more than VmRSS),
+ * and the pid stays the one that was started. Without it they lock only the arena their
+ * keys live in (shared/src/locked-memory.ts): VmLck is one 1 MiB chunk, below VmRSS.
  *
  * Dumpability is not in /proc/<pid>/status, and ownership of /proc/<pid> files says nothing
  * when everything runs as root. The faithful check is what non-dumpability is for: a
@@ -16,11 +18,12 @@
  */
 import anyTest, { type ExecutionContext, type TestFn } from 'ava';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { AGENT_BIN, enrollAgent, startAgent, until, type AgentProcess } from '../helpers/agent-harness.js';
 import { ensureLibvirtd } from '../helpers/libvirt-harness.js';
 import { SERVER_BIN, cli, initDataDir, tempDir } from '../helpers/server-harness.js';
+import { madviseShimPath, mayLockUnlimited } from '../../shared/src/memory-lock.js';
 
 const test = anyTest.serial as TestFn;
 
@@ -36,13 +39,20 @@ interface ProcStatus {
   vmLckKb: number;
   vmRssKb: number;
   capPrm: string;
+  /** From smaps_rollup: the proportional set size and how much of it is locked. */
+  pssKb: number;
+  lockedKb: number;
 }
 
 function procStatus(pid: number): ProcStatus {
   const s = readFileSync(`/proc/${pid}/status`, 'utf8');
-  const kb = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB$`, 'm').exec(s)?.[1] ?? -1);
-  return { vmLckKb: kb('VmLck'), vmRssKb: kb('VmRSS'), capPrm: /^CapPrm:\s+(\w+)$/m.exec(s)?.[1] ?? '' };
+  const rollup = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+  const kb = (text: string, field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB$`, 'm').exec(text)?.[1] ?? -1);
+  return { vmLckKb: kb(s, 'VmLck'), vmRssKb: kb(s, 'VmRSS'), capPrm: /^CapPrm:\s+(\w+)$/m.exec(s)?.[1] ?? '', pssKb: kb(rollup, 'Pss'), lockedKb: kb(rollup, 'Locked') };
 }
+
+/** Whether the services can lock all memory here (see shared/src/memory-lock.ts). */
+const wholeLock = existsSync(madviseShimPath()) && mayLockUnlimited();
 
 /** Whether a process of this user without CAP_SYS_PTRACE can open /proc/<pid>/mem. */
 function probeCanOpenMem(pid: number): { opened: boolean; stderr: string } {
@@ -89,9 +99,16 @@ async function stop(proc: ChildProcess | undefined): Promise<void> {
 /** The checks shared by both services. */
 function checkHardened(t: ExecutionContext, what: string, pid: number, controlPid: number): void {
   const st = procStatus(pid);
-  t.log(`${what}: VmLck ${st.vmLckKb} kB, VmRSS ${st.vmRssKb} kB`);
-  t.true(st.vmLckKb >= 1024, `${what} has locked memory (its key arena): VmLck ${st.vmLckKb} kB`);
-  t.true(st.vmLckKb < st.vmRssKb, `${what} is not locked as a whole (no mlockall)`);
+  t.log(`${what}: VmLck ${st.vmLckKb} kB, VmRSS ${st.vmRssKb} kB, Locked ${st.lockedKb} kB of Pss ${st.pssKb} kB`);
+  if (wholeLock) {
+    t.true(st.lockedKb >= st.pssKb - 64, `${what}: every resident page is locked (mlockall): Locked ${st.lockedKb} kB, Pss ${st.pssKb} kB`);
+    t.true(st.vmLckKb > st.vmRssKb, `${what}: VmLck covers all mappings`);
+    t.true(readFileSync(`/proc/${pid}/maps`, 'utf8').includes('libvirtkm-madvise-locked.so'), `${what} runs with the madvise library`);
+  } else {
+    t.log('memory cannot be locked as a whole here (no CAP_IPC_LOCK or the library is not built): checking the key arena only');
+    t.true(st.vmLckKb >= 1024, `${what} has locked memory (its key arena): VmLck ${st.vmLckKb} kB`);
+    t.true(st.vmLckKb < st.vmRssKb, `${what} is not locked as a whole`);
+  }
   if (isRoot) t.is(st.capPrm, procStatus(controlPid).capPrm, 'service and control have the same capabilities');
   const control = probeCanOpenMem(controlPid);
   t.true(control.opened, `the probe opens /proc/<pid>/mem of a dumpable process: ${control.stderr}`);
@@ -100,7 +117,7 @@ function checkHardened(t: ExecutionContext, what: string, pid: number, controlPi
   t.regex(probe.stderr, /Permission denied/);
 }
 
-probeTest(`virtkm-server: key arena locked (VmLck), not dumpable (its /proc/<pid>/mem refused to a same-user process)${note}`, async (t) => {
+probeTest(`virtkm-server: memory locked (all of it with CAP_IPC_LOCK, else its key arena), not dumpable (its /proc/<pid>/mem refused to a same-user process)${note}`, async (t) => {
   const dir = tempDir();
   const data = join(dir.path, 'data');
   initDataDir(data);
@@ -114,7 +131,7 @@ probeTest(`virtkm-server: key arena locked (VmLck), not dumpable (its /proc/<pid
     const ready = await waitReady(server, () => logs, 60_000);
     t.is(ready['pid'], server.pid, 'setpriv exec()s the server: the pid is the server');
     checkHardened(t, 'virtkm-server', server.pid!, control.pid!);
-    t.regex(logs, /"msg":"starting".*"dumpable":false/);
+    t.regex(logs, wholeLock ? /"msg":"starting".*"dumpable":false,"memory_locked":true/ : /"msg":"starting".*"dumpable":false/);
   } finally {
     await stop(server);
     control.kill();
@@ -126,7 +143,7 @@ const libvirt = skipReason ? undefined : await ensureLibvirtd();
 const agentSkip = skipReason ?? libvirt?.skipReason;
 const agentTest = agentSkip ? anyTest.skip : test;
 
-agentTest(`virtkm-agent: key arena locked (VmLck), not dumpable, its own keyring in a private session${agentSkip ? ` [skipped: ${agentSkip}]` : ''}`, async (t) => {
+agentTest(`virtkm-agent: memory locked (all of it with CAP_IPC_LOCK, else its key arena), not dumpable, its own keyring in a private session${agentSkip ? ` [skipped: ${agentSkip}]` : ''}`, async (t) => {
   const dir = tempDir();
   const data = join(dir.path, 'data');
   initDataDir(data);
@@ -153,7 +170,7 @@ agentTest(`virtkm-agent: key arena locked (VmLck), not dumpable, its own keyring
     );
     t.true(a.proc.pid !== undefined && readFileSync(`/proc/${a.proc.pid}/cmdline`, 'utf8').includes(AGENT_BIN.split('/').pop()!), 'setpriv exec()s the agent');
     checkHardened(t, 'virtkm-agent', a.proc.pid!, control.pid!);
-    t.regex(a.logs(), /"msg":"starting".*"dumpable":false.*"secrets_locked":true/);
+    t.regex(a.logs(), wholeLock ? /"msg":"starting".*"dumpable":false,"memory_locked":true,"secrets_locked":true/ : /"msg":"starting".*"dumpable":false.*"secrets_locked":true/);
 
     // Its keyring: created (the log names it), listed in /proc/keys, and out of reach of
     // this process, which is in another session.

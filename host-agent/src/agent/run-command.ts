@@ -9,6 +9,7 @@ import { errors } from '../../../shared/src/errors.js';
 import { openVolumeKeyring } from '../../../shared/src/keyring.js';
 import { createLogger, type LogLevel } from '../../../shared/src/log.js';
 import { hardenProcess } from '../../../shared/src/process-hygiene.js';
+import { parseMemoryLockMode, relaunchWithMadviseShim } from '../../../shared/src/memory-lock.js';
 import { ownedCopy, wipe } from '../../../shared/src/secret-bytes.js';
 import { loadSodium } from '../../../shared/src/sodium.js';
 import { openKeyCache } from '../cache/key-cache.js';
@@ -33,6 +34,8 @@ export interface AgentRunOptions {
   imageDir: string;
   libvirtUri?: string;
   logLevel?: string;
+  /** auto (default), require or off: see shared/src/memory-lock.ts. */
+  memoryLock?: string;
 }
 
 /** The agent version reported to the server. */
@@ -40,8 +43,12 @@ export const AGENT_VERSION = '0.1.0';
 
 /** Runs the agent until a signal. */
 export async function runAgentCommand(o: AgentRunOptions): Promise<void> {
+  const memoryLock = parseMemoryLockMode(o.memoryLock);
+  // First of all: this may replace the process (same pid) to preload the madvise library
+  // that makes mlockall safe for V8 (shared/src/memory-lock.ts).
+  relaunchWithMadviseShim(memoryLock);
   const logger = createLogger({ component: 'virtkm-agent', level: (o.logLevel ?? 'info') as LogLevel });
-  const hygiene = hardenProcess(logger);
+  const hygiene = hardenProcess(logger, { memoryLock });
   // dm-crypt keys as logon keys in a private session keyring, joined here on the main thread
   // so that the cryptsetup/dmsetup children inherit it (see shared/src/keyring.ts).
   const keyring = openVolumeKeyring(logger.child('keyring'));
@@ -62,7 +69,7 @@ export async function runAgentCommand(o: AgentRunOptions): Promise<void> {
   const imageDir = resolve(o.imageDir);
   mkdirSync(imageDir, { recursive: true, mode: 0o711 });
   for (const f of await removeStaleTemporaries(imageDir)) logger.info('removed a leftover of an interrupted image create', { file: f });
-  logger.info('starting', { host: host.host, server, dumpable: hygiene.dumpable, secrets_locked: hygiene.secretsLocked, keyring: keyring.id !== 0, image_dir: o.imageDir });
+  logger.info('starting', { host: host.host, server, dumpable: hygiene.dumpable, memory_locked: hygiene.memoryLocked, secrets_locked: hygiene.secretsLocked, keyring: keyring.id !== 0, image_dir: o.imageDir });
 
   // The rotation driver and the daemon call each other (a finished job asks for a new
   // pass; progress goes on the stream): bound late through `daemon`.

@@ -41,6 +41,7 @@ program
   .option('--image-dir <dir>', 'directory of the encrypted images (shared storage for moves; created if missing)', '/var/lib/libvirt/images/virtkm')
   .option('--libvirt-uri <uri>', 'libvirt connection URI', 'qemu:///system')
   .option('--log-level <level>', 'debug, info, warn or error', 'info')
+  .option('--memory-lock <mode>', 'lock all memory (mlockall): auto (when permitted), require (refuse to start otherwise) or off', 'auto')
   .action(async (o) => {
     await runAgentCommand(o);
   });

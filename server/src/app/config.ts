@@ -4,6 +4,7 @@
 import { errors } from '../../../shared/src/errors.js';
 import { parseDurationSeconds } from '../domain/duration.js';
 import type { LogLevel } from '../../../shared/src/log.js';
+import { parseMemoryLockMode, type MemoryLockMode } from '../../../shared/src/memory-lock.js';
 
 /** What the operator may set. */
 export interface ServerRunOptions {
@@ -18,6 +19,8 @@ export interface ServerRunOptions {
   rotationInterval?: string;
   rotationsPerHost?: string;
   keyGrace?: string;
+  /** auto (default), require or off: see shared/src/memory-lock.ts. */
+  memoryLock?: string;
 }
 
 /** Options with defaults applied. */
@@ -31,6 +34,7 @@ export interface CompiledServerRunOptions {
   readonly shutdownGraceMs: number;
   readonly hostCertDays: number;
   readonly rotation: { readonly intervalMs: number; readonly maxPerHost: number; readonly graceSeconds: number };
+  readonly memoryLock: MemoryLockMode;
 }
 
 /** Default main listener (loopback: exposing it is a deliberate choice). */
@@ -63,6 +67,7 @@ export function compileServerRunOptions(o: ServerRunOptions): CompiledServerRunO
     logLevel: level,
     shutdownGraceMs: o.shutdownGraceMs ?? 10_000,
     hostCertDays: o.hostCertDays ?? 365,
+    memoryLock: parseMemoryLockMode(o.memoryLock),
     rotation: Object.freeze({
       intervalMs: checkRange('--rotation-interval', parseDurationSeconds(o.rotationInterval ?? '30s', '--rotation-interval'), 1, 86400) * 1000,
       maxPerHost: checkRange('--rotations-per-host', Number(o.rotationsPerHost ?? '2'), 1, 64),

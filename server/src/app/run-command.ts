@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import { loadSodium } from '../../../shared/src/sodium.js';
 import { createLogger, describeError } from '../../../shared/src/log.js';
 import { hardenProcess } from '../../../shared/src/process-hygiene.js';
+import { relaunchWithMadviseShim } from '../../../shared/src/memory-lock.js';
 import { systemClock } from '../domain/clock.js';
 import { openSqliteStore } from '../store/sqlite-store.js';
 import { compileServerRunOptions, type ServerRunOptions } from './config.js';
@@ -18,8 +19,11 @@ import { existsSync } from 'node:fs';
 /** Runs the server until SIGTERM/SIGINT. */
 export async function runCommand(raw: ServerRunOptions): Promise<void> {
   const opts = compileServerRunOptions(raw);
+  // First of all: this may replace the process (same pid) to preload the madvise library
+  // that makes mlockall safe for V8 (shared/src/memory-lock.ts).
+  relaunchWithMadviseShim(opts.memoryLock);
   const logger = createLogger({ component: 'virtkm-server', level: opts.logLevel });
-  const hygiene = hardenProcess(logger);
+  const hygiene = hardenProcess(logger, { memoryLock: opts.memoryLock });
   logger.info('starting', { data_dir: opts.dataDir, dumpable: hygiene.dumpable, memory_locked: hygiene.memoryLocked, secrets_locked: hygiene.secretsLocked, locked_bytes: hygiene.lockedBytes });
   await loadSodium();
   const paths = dataDirPaths(opts.dataDir);
