@@ -15,6 +15,9 @@
  * - Captured stdout/stderr are bounded; the rest is read and dropped so the child never
  *   blocks on a full pipe.
  * - A missing binary is a DomainError 'unavailable' with a hint naming the Debian package.
+ * - The child dies with us (dieWithParent, on by default): a tool outliving a kill -9 of the
+ *   agent would keep its image locks and go on writing while the restarted agent resumes
+ *   the same work. See "Parent death" below.
  *
  * Ownership of secret buffers: runTool writes `stdin` and `fds` as they are and does NOT
  * wipe them. The caller owns them and wipes them, but only after the returned promise has
@@ -24,11 +27,27 @@
  * stdio: Node/libuv creates socketpairs for 'pipe' stdio, and open("/dev/fd/3") of a socket
  * fails with ENXIO, while tools such as QEMU read secrets with `file=/dev/fd/3`, which
  * opens the path. stdin stays a Node pipe: tools read fd 0 with read(2), which sockets allow.
+ *
+ * Parent death: Linux delivers a chosen signal to a process when the thread that forked it
+ * exits (prctl PR_SET_PDEATHSIG), however that happens, SIGKILL included. It must be set in
+ * the child between fork and exec, where Node runs no code of ours, so the tool is started
+ * through util-linux's `setpriv --pdeathsig KILL -- TOOL ARGS` (util-linux is Essential in
+ * Debian): setpriv sets it and execs the tool in place, same pid (kill() reaches the tool),
+ * fds 0-2 and the extra pipes kept, argv the tool's own. libuv forks on the thread running
+ * the event loop, the main thread of a process (ava runs test files in processes here):
+ * it exits only with the process. The setting is not inherited across fork, so a tool that
+ * daemonizes on purpose (swtpm --daemon) still outlives us, and it is dropped on exec of a
+ * set-user-ID binary (none of ours). Left open: a parent that dies between the fork and
+ * setpriv's prctl (microseconds) leaves that one child running, as before. Where setpriv is
+ * missing or lacks --pdeathsig the tool runs directly (parentDeathSupported says which).
+ * Because setpriv, not libuv, then runs execvp, the binary is looked up in TOOL_ENV's PATH
+ * here first, so that a missing tool is still reported as such.
  */
 import { spawn } from 'node:child_process';
-import { close as closeFd, write as writeFd } from 'node:fs';
+import { close as closeFd, constants as fsConstants, write as writeFd } from 'node:fs';
+import { access, stat } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
-import { basename } from 'node:path';
+import { basename, join } from 'node:path';
 import { DomainError } from './errors.js';
 import type { ErrorKind } from './errors.js';
 
@@ -62,6 +81,11 @@ export interface RunToolOptions {
    * `cryptsetup reencrypt --progress-json`); the chunk is captured as usual as well.
    */
   onStdout?: (chunk: Buffer) => void;
+  /**
+   * Kill the child with SIGKILL when this process dies, even of kill -9 (default true; see
+   * "Parent death" in the module comment). false only for a tool that must outlive us.
+   */
+  dieWithParent?: boolean;
 }
 
 /** What a finished tool run produced. */
@@ -106,6 +130,71 @@ const DEFAULT_MAX_OUTPUT = 1 << 20;
 const DEFAULT_KILL_GRACE_MS = 3000;
 /** O_CLOEXEC on Linux (x86_64 and arm64): our copies of the pipe ends never reach children. */
 const O_CLOEXEC = 0o2000000;
+
+/** util-linux's setpriv, the wrapper that sets the parent-death signal (module comment). */
+const SETPRIV = '/usr/bin/setpriv';
+/** Time allowed to the one-off check of setpriv. */
+const SETPRIV_PROBE_MS = 10_000;
+
+let setprivProbe: Promise<boolean> | undefined;
+
+/**
+ * Whether tools started with dieWithParent (the default) really die with this process:
+ * setpriv exists here and accepts --pdeathsig. Checked once, by running
+ * `setpriv --pdeathsig KILL -- true`; the agent may log a warning when it is false.
+ */
+export function parentDeathSupported(): Promise<boolean> {
+  setprivProbe ??= new Promise<boolean>((resolve) => {
+    if (process.platform !== 'linux') {
+      resolve(false);
+      return;
+    }
+    let child;
+    try {
+      child = spawn(SETPRIV, ['--pdeathsig', 'KILL', '--', 'true'], { stdio: 'ignore', env: { ...TOOL_ENV }, shell: false });
+    } catch {
+      resolve(false);
+      return;
+    }
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      resolve(false);
+    }, SETPRIV_PROBE_MS);
+    timer.unref();
+    child.once('error', () => {
+      clearTimeout(timer);
+      resolve(false);
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      resolve(code === 0);
+    });
+  });
+  return setprivProbe;
+}
+
+/**
+ * The path execvp would run for `file` in TOOL_ENV's PATH (or `file` itself when it holds a
+ * slash). Rejects with an ENOENT or EACCES error, as spawn would report it.
+ */
+async function resolveExecutable(file: string): Promise<string> {
+  const candidates = file.includes('/') ? [file] : (TOOL_ENV['PATH'] ?? '').split(':').filter((d) => d !== '').map((d) => join(d, file));
+  let denied: NodeJS.ErrnoException | undefined;
+  for (const candidate of candidates) {
+    try {
+      if (!(await stat(candidate)).isFile()) {
+        denied ??= Object.assign(new Error(`${candidate} is not a file`), { code: 'EACCES' });
+        continue;
+      }
+      await access(candidate, fsConstants.X_OK);
+      return candidate;
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      if (e.code === 'EACCES') denied ??= e;
+    }
+  }
+  throw denied ?? Object.assign(new Error(`${file} not found`), { code: 'ENOENT' });
+}
 
 /** pipe2(2) through koffi, loaded on first use only (no import-time side effects). */
 let pipe2Loader: Promise<((fds: Int32Array, flags: number) => number) | undefined> | undefined;
@@ -229,13 +318,27 @@ export async function runTool(file: string, args: readonly string[], options: Ru
   const killGraceMs = options.killGraceMs ?? DEFAULT_KILL_GRACE_MS;
   if (signal?.aborted) throw new DomainError('unavailable', `${tool} was cancelled`, { cause: signal.reason });
 
+  // With the wrapper, setpriv (not libuv) looks the tool up: do it here first, so that a
+  // missing binary is reported as such instead of as setpriv's exit 127.
+  let command = file;
+  let argv = [...args];
+  if ((options.dieWithParent ?? true) && (await parentDeathSupported())) {
+    try {
+      argv = ['--pdeathsig', 'KILL', '--', await resolveExecutable(file), ...args];
+    } catch (e) {
+      throw spawnFailure(tool, e as NodeJS.ErrnoException, options.debianPackage);
+    }
+    command = SETPRIV;
+  }
+  if (signal?.aborted) throw new DomainError('unavailable', `${tool} was cancelled`, { cause: signal.reason });
+
   const extra = options.fds ?? [];
   const pipes = await makePipes(tool, extra.length);
   const readEnds = pipes.map(([r]) => r);
 
   let child;
   try {
-    child = spawn(file, [...args], {
+    child = spawn(command, argv, {
       stdio: [options.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe', ...readEnds],
       env: { ...TOOL_ENV },
       shell: false,

@@ -11,6 +11,7 @@ import { mkdtemp, readdir, readFile, rm, unlink, writeFile } from 'node:fs/promi
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { DmCryptMapper, ImageSpec } from '../../host-agent/src/images/types.js';
+import { readRotationMark } from '../../host-agent/src/rotate/common.js';
 import { createPlainReencrypt, plainRotationNames } from '../../host-agent/src/rotate/plain-reencrypt.js';
 import type { RotationJob } from '../../host-agent/src/rotate/types.js';
 import { isDomainError, type DomainError } from '../../shared/src/errors.js';
@@ -103,15 +104,60 @@ test('copies through an old and a new mapping, verifies, closes, renames; the da
   t.false(xor(await readFile(s.spec.path), s.oldKey).equals(s.plaintext));
   t.deepEqual([...steps], ['copying', 'verifying', 'replacing']);
   t.deepEqual(mapper.open_.size, 0, 'no mapping left open');
-  // Only the image and the "done" marker (what makes a second run a no-op).
-  t.deepEqual((await readdir(s.dir)).sort(), ['.vol.img.virtkm-rot-rot1.plain-state', 'vol.img']);
-  t.is((await readFile(plainRotationNames(s.spec.path, 'rot1').state, 'utf8')).trim(), 'done');
+  // Only the image: the state file went; the image's mark is what makes a second run a no-op.
+  t.deepEqual(await readdir(s.dir), ['vol.img']);
+  t.is(await readRotationMark(s.spec.path), 'rot1');
 
   const before = await readFile(s.spec.path);
   const again = await createPlainReencrypt({ mapper }).run(s.job);
   t.is(again.bytesRewritten, 0n);
   t.true((await readFile(s.spec.path)).equals(before), 'the second run changed nothing');
   t.is(mapper.calls.length, 4, 'and opened no mapping');
+  t.deepEqual(await readdir(s.dir), ['vol.img'], 'and left no file');
+});
+
+test('the mark of another rotation is no record of this one: the next rotation re-encrypts', async (t) => {
+  const s = await setup(t);
+  const mapper = fakeMapper(s.devDir);
+  await createPlainReencrypt({ mapper }).run(s.job);
+  t.is(await readRotationMark(s.spec.path), 'rot1');
+  const third = randomBytes(64);
+  const r = await createPlainReencrypt({ mapper }).run({ ...s.job, rotationId: 'rot2', oldKey: s.newKey, newKey: third });
+  t.is(r.bytesRewritten, BigInt(s.plaintext.length));
+  t.true(xor(await readFile(s.spec.path), third).equals(s.plaintext), 'the data is under the third key');
+  t.is(await readRotationMark(s.spec.path), 'rot2');
+  t.deepEqual(await readdir(s.dir), ['vol.img']);
+});
+
+test('upgrade: a "done" state file of an earlier version becomes a mark and goes; the image is not touched', async (t) => {
+  const s = await setup(t);
+  const names = plainRotationNames(s.spec.path, 'rot1');
+  const mapper = fakeMapper(s.devDir);
+  // What an earlier version left: the image under the new key, unmarked, and "done".
+  await writeFile(s.spec.path, xor(s.plaintext, s.newKey));
+  await writeFile(names.state, 'done\n');
+  t.is(await readRotationMark(s.spec.path), undefined);
+  const r = await createPlainReencrypt({ mapper }).run(s.job);
+  t.is(r.bytesRewritten, 0n);
+  t.deepEqual(mapper.calls, []);
+  t.true(xor(await readFile(s.spec.path), s.newKey).equals(s.plaintext));
+  t.is(await readRotationMark(s.spec.path), 'rot1');
+  t.deepEqual(await readdir(s.dir), ['vol.img']);
+  // And once it is gone, a run still knows.
+  await createPlainReencrypt({ mapper }).run(s.job);
+  t.deepEqual(mapper.calls, []);
+  t.true(xor(await readFile(s.spec.path), s.newKey).equals(s.plaintext));
+});
+
+test('without state file and without this rotation\'s mark, the image is taken as untouched: a run re-encrypts it', async (t) => {
+  // The other side of the mark check: it is what stands between a repeated run and data
+  // re-encrypted with the wrong key, so it must really be read.
+  const s = await setup(t);
+  const mapper = fakeMapper(s.devDir);
+  await createPlainReencrypt({ mapper }).run({ ...s.job, rotationId: 'other' });
+  t.is(await readRotationMark(s.spec.path), 'other');
+  await createPlainReencrypt({ mapper }).run(s.job);
+  t.is(mapper.calls.length, 8, 'rot1 ran in full although "other" was done');
 });
 
 test('without device-mapper: failed_precondition naming the reason, nothing written', async (t) => {
@@ -140,23 +186,26 @@ test('a failure while copying closes the mappings and removes the copy and the s
   t.true(xor(await readFile(s.spec.path), s.newKey).equals(s.plaintext));
 });
 
-test('resume: "copied" with the copy present renames it; "copied" without it (renamed before the crash) only records "done"; "copying" starts over', async (t) => {
+test('resume: "copied" with the copy present renames it; "copied" without it (renamed before the crash) only removes the state; "copying" starts over', async (t) => {
   const s = await setup(t);
   const names = plainRotationNames(s.spec.path, 'rot1');
   const mapper = fakeMapper(s.devDir);
-  // A crash after "copied": the verified copy is there.
+  // A crash after "copied": the verified copy is there (unmarked, as an earlier version left it).
   await writeFile(names.copy, xor(s.plaintext, s.newKey));
   await writeFile(names.state, 'copied\n');
   await createPlainReencrypt({ mapper }).run(s.job);
   t.deepEqual(mapper.calls, [], 'no copy made again');
   t.true(xor(await readFile(s.spec.path), s.newKey).equals(s.plaintext));
-  t.deepEqual((await readdir(s.dir)).sort(), ['.vol.img.virtkm-rot-rot1.plain-state', 'vol.img']);
+  t.deepEqual(await readdir(s.dir), ['vol.img']);
+  t.is(await readRotationMark(s.spec.path), 'rot1');
 
-  // A crash after the rename, before "done".
+  // A crash after the rename, before the state file went (a half-written next state too).
   await writeFile(names.state, 'copied\n');
+  await writeFile(names.stateNext, 'do');
   await createPlainReencrypt({ mapper }).run(s.job);
+  t.deepEqual(mapper.calls, []);
   t.true(xor(await readFile(s.spec.path), s.newKey).equals(s.plaintext), 'the renamed image is kept as it is');
-  t.is((await readFile(names.state, 'utf8')).trim(), 'done');
+  t.deepEqual(await readdir(s.dir), ['vol.img']);
 
   // A crash while copying: a half copy and stale mappings.
   const t2 = await setup(t);

@@ -3,11 +3,15 @@
  * here (the script is a constant of the test), never in production code.
  */
 import test from 'ava';
-import { createHash, randomBytes, randomUUID } from 'node:crypto';
-import { readdirSync, readFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { createHash, randomBytes, randomInt, randomUUID } from 'node:crypto';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { chmod, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { isDomainError, type DomainError } from '../../shared/src/errors.js';
-import { CRYPTSETUP_EXIT_KINDS, TOOL_ENV, runTool, toolError } from '../../shared/src/run-tool.js';
+import { CRYPTSETUP_EXIT_KINDS, TOOL_ENV, parentDeathSupported, runTool, toolError } from '../../shared/src/run-tool.js';
 
 /** Hex dump of what `od` printed, spaces and newlines removed. */
 function odHex(text: string): string {
@@ -190,4 +194,125 @@ test('toolError maps exit codes through the table, keeps stderr out of the messa
   t.is(toolError('cryptsetup', { ...result, code: 5 }, CRYPTSETUP_EXIT_KINDS).kind, 'failed_precondition');
   t.is(toolError('cryptsetup', { ...result, code: 99 }, CRYPTSETUP_EXIT_KINDS).kind, 'internal');
   t.is(toolError('qemu-img', { ...result, code: 1 }).kind, 'internal');
+});
+
+// ---------------------------------------------------------------------------------------
+// Parent death: tools die with the process that started them (setpriv --pdeathsig KILL).
+
+/** True while `pid` exists and is not a zombie (an orphan nobody reaped yet is dead too). */
+function alive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
+async function waitUntilGone(pid: number, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (!alive(pid)) return true;
+    await sleep(50);
+  }
+  return !alive(pid);
+}
+
+/** A `sleep` duration that is unique in the process table and ends by itself after 2 minutes at most. */
+function sleepMarker(): string {
+  return `${100 + randomInt(20)}.${String(randomInt(1_000_000)).padStart(6, '0')}1`;
+}
+
+/**
+ * Starts a node process that runs `sleep MARKER` through runTool (with a secret on fd 3,
+ * as the agent's tools get theirs), kills that node process with SIGKILL once the sleep
+ * runs, and says whether the sleep went with it within 5 s. Whatever is left is killed.
+ */
+async function killParentOfSleep(dieWithParent: boolean): Promise<{ goneWithParent: boolean; parentWasNode: boolean; exe: string }> {
+  const dir = await mkdtemp(join(tmpdir(), 'virtkm-run-tool-'));
+  const marker = sleepMarker();
+  let sleeper: number | undefined;
+  const node = spawn(process.execPath, [join(dir, 'parent.mjs')], { stdio: ['ignore', 'ignore', 'inherit'] });
+  try {
+    const runToolUrl = new URL('../../shared/src/run-tool.js', import.meta.url).href;
+    await writeFile(
+      join(dir, 'parent.mjs'),
+      `import { runTool } from ${JSON.stringify(runToolUrl)};\n` +
+        `await runTool('sleep', [${JSON.stringify(marker)}], { fds: [Buffer.from('secret')], dieWithParent: ${dieWithParent} });\n`,
+    );
+    sleeper = await waitForPid(marker, 10_000);
+    const ppid = Number(/^PPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${sleeper}/status`, 'latin1'))?.[1]);
+    const exe = readlinkSync(`/proc/${sleeper}/exe`);
+    // Running a while first: nothing but the parent's death may end it (no thread of
+    // libuv's that exits early, no timer of runTool).
+    await sleep(1000);
+    if (!alive(sleeper)) throw new Error('the tool died while its parent was alive');
+    node.kill('SIGKILL');
+    const goneWithParent = await waitUntilGone(sleeper, 5000);
+    return { goneWithParent, parentWasNode: ppid === node.pid, exe };
+  } finally {
+    node.kill('SIGKILL');
+    for (const pid of sleeper === undefined ? pidsWithArg(marker) : [sleeper, ...pidsWithArg(marker)]) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // Gone already.
+      }
+    }
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+test('a tool dies with its parent process, even one killed with SIGKILL; without dieWithParent it would not', async (t) => {
+  if (!(await parentDeathSupported())) {
+    t.log('SKIPPED: /usr/bin/setpriv with --pdeathsig is not available here (util-linux)');
+    t.pass();
+    return;
+  }
+  const wrapped = await killParentOfSleep(true);
+  t.true(wrapped.parentWasNode, 'setpriv exec()s the tool in place: the tool is the direct child');
+  t.regex(wrapped.exe, /\/sleep$/, 'the running process is the tool itself, not the wrapper');
+  t.true(wrapped.goneWithParent, 'the tool was killed within 5 s of its parent');
+
+  // The control: the same run without the wrapper leaves an orphan (so the test above can fail).
+  const bare = await killParentOfSleep(false);
+  t.false(bare.goneWithParent, 'without dieWithParent the tool outlives its parent');
+});
+
+test('through the wrapper, a timeout and an abort still kill the tool itself, and fds still arrive', async (t) => {
+  const marker = sleepMarker();
+  const err = await rejection(runTool('sleep', [marker], { timeoutMs: 300, killGraceMs: 300 }));
+  t.regex(err.message, /timed out/);
+  t.deepEqual(pidsWithArg(marker), [], 'the sleep is gone when the call settles');
+
+  const marker2 = sleepMarker();
+  const controller = new AbortController();
+  const run = runTool('sleep', [marker2], { signal: controller.signal, fds: [Buffer.from('x')] });
+  const pid = await waitForPid(marker2);
+  t.regex(readlinkSync(`/proc/${pid}/exe`), /\/sleep$/);
+  controller.abort();
+  t.is((await rejection(run)).kind, 'unavailable');
+  t.false(alive(pid), 'the aborted sleep is gone when the call settles');
+
+  const secret = Buffer.from([0x00, 0x0a, 0xff]);
+  const r = await runTool('od', ['-An', '-tx1', '-v', '/dev/fd/3'], { fds: [secret], dieWithParent: true });
+  t.is(odHex(r.stdout), '000aff');
+});
+
+test('a file that is not executable is permission_denied, before and through the wrapper', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'virtkm-run-tool-'));
+  try {
+    const file = join(dir, 'not-executable');
+    await writeFile(file, '#!/bin/sh\nexit 0\n');
+    await chmod(file, 0o644);
+    for (const dieWithParent of [true, false]) {
+      const err = await rejection(runTool(file, [], { dieWithParent }));
+      // root may execute any file with an x bit only: 0644 has none.
+      t.is(err.kind, 'permission_denied', `dieWithParent ${dieWithParent}`);
+    }
+    const missing = await rejection(runTool('virtkm-no-such-tool', [], { dieWithParent: false }));
+    t.is(missing.kind, 'unavailable');
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 });

@@ -12,6 +12,7 @@
 import { createHash } from 'node:crypto';
 import { constants } from 'node:fs';
 import { lstat, open, readdir, rename, statfs, unlink } from 'node:fs/promises';
+import { constants as osConstants } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { DomainError, errors } from '../../../shared/src/errors.js';
 import { fsCode, fsError, fsyncDir } from '../images/files.js';
@@ -44,9 +45,17 @@ export function rotationFilePath(imagePath: string, rotationId: string, purpose:
 }
 
 /**
+ * Purposes starting with this belong to the live copy (live-copy.ts), which removes them
+ * itself: after its pivot its destination holds the guest's newest data, so an offline
+ * mechanism sweeping the same rotation's leftovers must never delete it.
+ */
+export const LIVE_COPY_PURPOSE_PREFIX = 'live-';
+
+/**
  * Paths of every file rotation `rotationId` of `imagePath` left in the directory: its own
  * files, and temporaries of an ImageStore.create that was given one of them as its path
- * (those are named `.<file>.virtkm-tmp-...`, i.e. with one more leading dot).
+ * (those are named `.<file>.virtkm-tmp-...`, i.e. with one more leading dot). The live
+ * copy's files are not among them (LIVE_COPY_PURPOSE_PREFIX).
  */
 export async function rotationLeftovers(imagePath: string, rotationId: string): Promise<string[]> {
   const dir = dirname(imagePath);
@@ -57,7 +66,8 @@ export async function rotationLeftovers(imagePath: string, rotationId: string): 
   } catch (err) {
     throw fsError(err, 'image directory');
   }
-  return names.filter((n) => n.startsWith(prefix) || n.startsWith(`.${prefix}`)).sort().map((n) => join(dir, n));
+  const ours = (n: string, p: string): boolean => n.startsWith(p) && !n.startsWith(LIVE_COPY_PURPOSE_PREFIX, p.length);
+  return names.filter((n) => ours(n, prefix) || ours(n, `.${prefix}`)).sort().map((n) => join(dir, n));
 }
 
 /**
@@ -317,4 +327,89 @@ export async function restoreHeaderBackup(imagePath: string, backup: HeaderBacku
   } finally {
     await fh.close();
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// Completion marks: an image a rotation produced says so itself, in an extended attribute,
+// for formats that cannot tell from their own bytes which key they are under (plain
+// dm-crypt: every key "opens" it). The mark holds the rotation id only, no secret; it
+// moves with the inode (a rename over the canonical path keeps it) and is replaced by the
+// next rotation's mark.
+
+/** The extended attribute of the mark. */
+export const ROTATION_MARK_XATTR = 'user.virtkm.rotation';
+/** errno values of a file system without user extended attributes (ENOTSUP = EOPNOTSUPP on Linux). */
+const XATTR_UNSUPPORTED = new Set([95]);
+const ENODATA = 61;
+
+interface XattrCalls {
+  set(path: string, name: string, value: Buffer): number;
+  get(path: string, name: string, out: Buffer): number;
+  errno(): number;
+}
+
+let xattrLoader: Promise<XattrCalls | undefined> | undefined;
+
+/** setxattr(2)/getxattr(2) through koffi (Node has no API for them), loaded on first use only. */
+function loadXattr(): Promise<XattrCalls | undefined> {
+  xattrLoader ??= (async () => {
+    try {
+      const koffi = (await import('koffi')).default;
+      const libc = koffi.load('libc.so.6');
+      const setx = libc.func('int setxattr(const char *path, const char *name, const void *value, size_t size, int flags)');
+      const getx = libc.func('intptr_t getxattr(const char *path, const char *name, _Out_ void *value, size_t size)');
+      return {
+        set: (path, name, value) => setx(path, name, value, value.length, 0) as number,
+        get: (path, name, out) => Number(getx(path, name, out, out.length)),
+        errno: () => koffi.errno(),
+      };
+    } catch {
+      return undefined;
+    }
+  })();
+  return xattrLoader;
+}
+
+function errnoError(code: number, what: string): DomainError {
+  const name = Object.entries(osConstants.errno).find(([, v]) => v === code)?.[0] ?? `errno ${code}`;
+  return fsError(Object.assign(new Error(`${what}: ${name}`), { code: name, errno: -code }), 'image');
+}
+
+/**
+ * Marks the file `path` as the result of rotation `rotationId` and fsyncs it, so the mark
+ * is durable before the caller's next step. Returns false when marks cannot be kept here
+ * (the file system has no user extended attributes, or libc cannot be loaded): the caller
+ * must then keep its own record of completion.
+ */
+export async function setRotationMark(path: string, rotationId: string): Promise<boolean> {
+  const calls = await loadXattr();
+  if (!calls) return false;
+  if (calls.set(path, ROTATION_MARK_XATTR, Buffer.from(checkRotationId(rotationId), 'utf8')) !== 0) {
+    const code = calls.errno();
+    if (XATTR_UNSUPPORTED.has(code)) return false;
+    throw errnoError(code, 'cannot mark the image');
+  }
+  const fh = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW).catch((err: unknown) => {
+    throw fsError(err, 'image');
+  });
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  return true;
+}
+
+/** The rotation id `path` is marked with; undefined when it has no mark (or marks are not supported here). */
+export async function readRotationMark(path: string): Promise<string | undefined> {
+  const calls = await loadXattr();
+  if (!calls) return undefined;
+  const out = Buffer.alloc(256);
+  const n = calls.get(path, ROTATION_MARK_XATTR, out);
+  if (n < 0) {
+    const code = calls.errno();
+    if (code === ENODATA || XATTR_UNSUPPORTED.has(code)) return undefined;
+    throw errnoError(code, 'cannot read the mark of the image');
+  }
+  return out.subarray(0, n).toString('utf8');
 }

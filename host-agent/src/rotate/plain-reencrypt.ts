@@ -13,18 +13,29 @@
  *      `virtkm-rot-<id>-old` over the image with the old key and `virtkm-rot-<id>-new` over
  *      the copy with the new key, copy every block, fsync the new mapping;
  *   5. verify: read both mappings again and compare every block;
- *   6. close both mappings, fsync the copy, record "copied";
- *   7. rename the copy over the image, fsync the directory, record "done".
+ *   6. close both mappings, mark the copy as this rotation's result (common.ts'
+ *      setRotationMark: an extended attribute holding the rotation id), fsync it, record
+ *      "copied";
+ *   7. rename the copy over the image, fsync the directory, remove the state file and
+ *      fsync the directory again.
  *
  * Crash safety: a plain image cannot say which key it is under (any key "opens" it and
- * reads noise), so the state file is what tells. No state or "copying": the image is
- * untouched under the old key: start over (a half copy is deleted, stale mappings
- * closed). "copied": the copy is complete and verified: rename it if it is still there
- * (else the rename happened), then "done". "done": finished; nothing to do. The state file
- * therefore stays after success: it is what makes a second run a no-op instead of a
- * re-encryption of new data with the old key. It holds no secret (one word), is named like
- * every rotation file (common.ts), and is removed with the rotation's leftovers once the
- * server has recorded the result.
+ * reads noise), so the state file and the mark are what tell. The mark travels with the
+ * copy's inode: the image carries this rotation's id exactly when the rename happened.
+ * Run again (after a crash, or because the server has not recorded the result yet):
+ *   - no state file, the image marked with this rotation: finished; nothing to do. This is
+ *     what lets the state file go after success: a second run is a no-op instead of a
+ *     re-encryption of new data with the old key;
+ *   - no state file and no such mark, or "copying": the image is untouched under the old
+ *     key: start over (a half copy is deleted, stale mappings closed);
+ *   - "copied": the copy is complete and verified: rename it if it is still there (else
+ *     the rename happened), then remove the state file;
+ *   - "done": written by earlier versions (which kept the state file) and here where the
+ *     image's file system has no user extended attributes: finished. With marks it is
+ *     turned into a mark on the image and removed.
+ * The state file holds no secret (one word) and is named like every rotation file
+ * (common.ts). Where marks are not supported it stays at "done" after success, as before:
+ * without a record the next run could not tell new data from old.
  *
  * The guest must be stopped: the driver checks that (the image must not be open elsewhere
  * while it is copied and replaced).
@@ -33,11 +44,22 @@ import { open, readFile, rename, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { errors, isDomainError } from '../../../shared/src/errors.js';
 import { describeError, silentLogger, type Logger } from '../../../shared/src/log.js';
-import { fsCode, fsError, fsyncDir, unlinkQuietly } from '../images/files.js';
+import { fsCode, fsError, fsyncDir, pathExists, unlinkQuietly } from '../images/files.js';
 import { checkPlainKey } from '../images/passphrase.js';
 import { checkImageSpec } from '../images/spec.js';
 import type { DmCryptMapper, ImageSpec } from '../images/types.js';
-import { checkFreeSpace, checkJobBasics, progressReporter, removeFiles, rotationFilePath, sameSecret, throwIfAborted, type ProgressReporter } from './common.js';
+import {
+  checkFreeSpace,
+  checkJobBasics,
+  progressReporter,
+  readRotationMark,
+  removeFiles,
+  rotationFilePath,
+  sameSecret,
+  setRotationMark,
+  throwIfAborted,
+  type ProgressReporter,
+} from './common.js';
 import type { RotationHooks, RotationJob, RotationMechanism, RotationResult } from './types.js';
 
 /** Options of createPlainReencrypt. */
@@ -171,9 +193,18 @@ export function createPlainReencrypt(options: PlainReencryptOptions): RotationMe
     const newKey = job.newKey ?? new Uint8Array(0);
 
     let state = await readState(names.state);
-    if (state === 'done') return { opensWith: 'new', verified: true, bytesRewritten: 0n };
+    if (state === 'done') {
+      // Finished (by an earlier version, or on a file system without marks): the record
+      // moves into a mark on the image when it can, else the state file stays.
+      await finishRecord(path, job.rotationId, names);
+      return { opensWith: 'new', verified: true, bytesRewritten: 0n };
+    }
     if (state === 'copied') {
       progress.report('replacing', 0n, 0n, true);
+      // The copy, or the image when the rename happened before the crash, is the result.
+      // An earlier version did not mark it: mark it now, before the rename.
+      const result = (await pathExists(names.copy)) ? names.copy : path;
+      await setRotationMark(result, job.rotationId);
       try {
         await rename(names.copy, path);
       } catch (err) {
@@ -181,7 +212,11 @@ export function createPlainReencrypt(options: PlainReencryptOptions): RotationMe
         if (fsCode(err) !== 'ENOENT') throw fsError(err, 'image');
       }
       await fsyncDir(dirname(path));
-      await writeState(names, 'done');
+      await finishRecord(path, job.rotationId, names);
+      return { opensWith: 'new', verified: true, bytesRewritten: 0n };
+    }
+    if (state === undefined && (await readRotationMark(path)) === job.rotationId) {
+      // The state file went after success: this rotation's result is the image already.
       return { opensWith: 'new', verified: true, bytesRewritten: 0n };
     }
 
@@ -212,11 +247,16 @@ export function createPlainReencrypt(options: PlainReencryptOptions): RotationMe
       await copyAndVerify(from, to, size, progress, hooks);
       await mapper.close(names.newMapping);
       await mapper.close(names.oldMapping);
-      const copy = await open(names.copy, 'r+');
-      try {
-        await copy.sync();
-      } finally {
-        await copy.close();
+      // The mark says "this inode is rotation X's result" once the rename made it the
+      // image; setRotationMark fsyncs the copy (data and mark) either way.
+      if (!(await setRotationMark(names.copy, job.rotationId))) {
+        logger.warn('no user extended attributes on the image file system: the plain rotation keeps its state file after success', { rotation_id: job.rotationId });
+        const copy = await open(names.copy, 'r+');
+        try {
+          await copy.sync();
+        } finally {
+          await copy.close();
+        }
       }
       await writeState(names, 'copied');
     } catch (err) {
@@ -229,8 +269,21 @@ export function createPlainReencrypt(options: PlainReencryptOptions): RotationMe
     progress.report('replacing', BigInt(size), BigInt(size), true);
     await rename(names.copy, path);
     await fsyncDir(dirname(path));
-    await writeState(names, 'done');
+    await finishRecord(path, job.rotationId, names);
     return { opensWith: 'new', verified: true, bytesRewritten: BigInt(size) };
+  }
+
+  /**
+   * The rotation is finished and `path` is its result: with the image marked, the state
+   * file goes (unlink, directory fsync: removeFiles); where marks are not supported the
+   * state file is what says "finished", so it stays (or becomes) "done".
+   */
+  async function finishRecord(path: string, rotationId: string, names: { state: string; stateNext: string }): Promise<void> {
+    if (await setRotationMark(path, rotationId)) {
+      await removeFiles([names.stateNext, names.state]);
+      return;
+    }
+    if ((await readState(names.state)) !== 'done') await writeState(names, 'done');
   }
 
   return { name: NAME, run };
