@@ -1,19 +1,13 @@
 /**
  * Locked memory for secret bytes, outside the V8 heap.
  *
- * Why not mlockall(): V8 in Node 20 (11.3) returns freed heap pages to the kernel with
- * mprotect(PROT_NONE) followed by madvise(MADV_DONTNEED) and aborts when the madvise fails
- * ("Check failed: 0 == ret" in v8::base::OS::SetPermissions, SIGTRAP). The kernel refuses
- * MADV_DONTNEED on locked pages (EINVAL), so once mlockall() has locked V8's mappings the
- * first GC that gives pages back kills the process. Re-checked on 2026-11 with Node 20.20 on
- * Linux 6.x as root (CAP_IPC_LOCK, so RLIMIT_MEMLOCK plays no part): MCL_CURRENT alone,
- * MCL_CURRENT|MCL_FUTURE, with and without MCL_ONFAULT, after startup, with
- * --single-threaded-gc and --no-memory-reducer: every combination aborts within seconds of
- * heap growth and shrinkage (strace shows the failing madvise). Only an LD_PRELOAD shim
- * that retries a refused MADV_DONTNEED as MADV_DONTNEED_LOCKED (Linux 5.18+) survived; that
- * needs native code built on every host and a launcher, which the project does not have.
+ * Why an arena when the services also lock all of their memory (shared/src/memory-lock.ts):
+ * whole-process locking needs CAP_IPC_LOCK, a kernel with MADV_DONTNEED_LOCKED and a
+ * preloaded native library; where any of these is missing, the keys themselves still live
+ * in locked memory through this arena. And in every mode the arena adds what mlockall does
+ * not: exclusion from core dumps and from forked children.
  *
- * What this module does instead: it maps chunks of anonymous memory (1 MiB each) with
+ * What this module does: it maps chunks of anonymous memory (1 MiB each) with
  * mmap, locks them with mlock (they count in VmLck and never reach swap), excludes them from
  * core dumps (MADV_DONTDUMP) and from forked children (MADV_WIPEONFORK: a child sees zeros),
  * and hands out slots of it as Buffers backed by external ArrayBuffers (koffi.view). V8
@@ -22,10 +16,11 @@
  * randomSecret() from here once enableLockedMemory() has run (hardenProcess does it), so
  * the master key, host keys and the key caches' plaintext keys live in locked memory.
  *
- * What is NOT locked: everything else. Secrets that pass through other buffers on their
- * way (file reads, protobuf decoding, libsodium's WebAssembly memory, OpenSSL's own
- * copies, hex passphrases built for tools, PEM strings) live in ordinary memory for a
- * moment; a wipe() zeroes the ones we own, but a swapped-out page of them is not prevented.
+ * What the arena alone does not lock: everything else. Secrets that pass through other
+ * buffers on their way (file reads, protobuf decoding, libsodium's WebAssembly memory,
+ * OpenSSL's own copies, hex passphrases built for tools, PEM strings) live in ordinary
+ * memory for a moment; a wipe() zeroes the ones we own, and only the whole-process lock
+ * keeps their pages out of swap.
  *
  * Slots: size classes of 32 bytes to 4 KiB carved from 64 KiB slabs. A slot returns to its
  * free list, zeroed, when its ArrayBuffer is garbage-collected (FinalizationRegistry), so a

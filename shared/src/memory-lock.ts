@@ -27,7 +27,7 @@
  *
  * Modes (`--memory-lock`): `auto` (default) locks when it can and warns when it cannot
  * (no CAP_IPC_LOCK with a finite RLIMIT_MEMLOCK, the library not built, a kernel without
- * MADV_DONTNEED_LOCKED); `require` refuses to start unless memory is locked; `off` leaves
+ * MADV_DONTNEED_LOCKED, probed on a locked scratch page before relaunching and locking); `require` refuses to start unless memory is locked; `off` leaves
  * memory as it is (the key arena of locked-memory.ts is still used).
  *
  * Why a finite RLIMIT_MEMLOCK is not tried: mlockall counts the whole size of every
@@ -58,10 +58,19 @@ export const MCL_FUTURE = 2;
 /** See MCL_CURRENT. */
 export const MCL_ONFAULT = 4;
 
+const KERNEL_REASON = 'this kernel has no MADV_DONTNEED_LOCKED (Linux 5.18 or later is needed for V8 to run with locked memory)';
+
 /** Environment marker of a relaunched process (its value is the library's path). */
 export const RELAUNCH_MARKER = 'VIRTKM_MADVISE_SHIM';
 
 const CAP_IPC_LOCK = 14;
+const PROT_READ = 1;
+const PROT_WRITE = 2;
+const MAP_PRIVATE = 2;
+const MAP_ANONYMOUS = 0x20;
+const MAP_FAILED = 2n ** 64n - 1n;
+/** Linux 5.18+: discard pages even when they are locked. */
+const MADV_DONTNEED_LOCKED = 24;
 const F_GETFD = 1;
 const F_SETFD = 2;
 const FD_CLOEXEC = 1;
@@ -73,6 +82,8 @@ export function madviseShimPath(): string {
 
 interface Libc {
   mlockall: (flags: number) => number;
+  /** Whether this kernel knows MADV_DONTNEED_LOCKED (probed on a locked scratch page). */
+  discardsLockedPages: () => boolean;
   execve: (path: string, argv: (string | null)[], envp: (string | null)[]) => number;
   fcntl: (fd: number, cmd: number, arg: number) => number;
   errno: () => number;
@@ -94,8 +105,24 @@ const libc: Libc | undefined = (() => {
   try {
     const lib = koffiLib.load('libc.so.6');
     const fcntl = lib.func('int fcntl(int fd, int cmd, ...)');
+    const mmap = lib.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)');
+    const munmap = lib.func('int munmap(void *addr, size_t length)');
+    const mlock = lib.func('int mlock(void *addr, size_t length)');
+    // libc's own madvise, not the preloaded one: the probe must see the kernel's answer.
+    const madvise = lib.func('int madvise(void *addr, size_t length, int advice)');
     return {
       mlockall: lib.func('int mlockall(int flags)') as (flags: number) => number,
+      discardsLockedPages: () => {
+        const page = 4096;
+        const addr: unknown = mmap(null, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (addr === null || koffiLib.address(addr) === MAP_FAILED) return false;
+        try {
+          if ((mlock(addr, page) as number) !== 0) return false;
+          return (madvise(addr, page, MADV_DONTNEED_LOCKED) as number) === 0;
+        } finally {
+          munmap(addr, page);
+        }
+      },
       execve: lib.func('int execve(const char *path, const char **argv, const char **envp)') as Libc['execve'],
       fcntl: (fd, cmd, arg) => fcntl(fd, cmd, 'int', arg) as number,
       errno: () => koffiLib.errno(),
@@ -111,6 +138,11 @@ function readProc(path: string): string {
   } catch {
     return '';
   }
+}
+
+/** Whether the kernel can discard locked pages (MADV_DONTNEED_LOCKED, Linux 5.18+). */
+export function kernelDiscardsLockedPages(): boolean {
+  return libc?.discardsLockedPages() ?? false;
 }
 
 /** Whether the library is mapped into this process (it was preloaded). */
@@ -157,6 +189,7 @@ export function relaunchWithMadviseShim(mode: MemoryLockMode): RelaunchOutcome {
   if (!mayLockUnlimited()) return { reason: 'no CAP_IPC_LOCK and RLIMIT_MEMLOCK is finite' };
   const c = libc;
   if (!c) return { reason: 'libc cannot be loaded through koffi' };
+  if (!c.discardsLockedPages()) return { reason: KERNEL_REASON };
 
   // Node marks its standard streams close-on-exec; the new image must keep them.
   for (const fd of [0, 1, 2]) {
@@ -182,18 +215,21 @@ export interface MemoryLockResult {
 }
 
 /**
- * mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT), but only where it is safe: the madvise
- * library is loaded (else V8 would abort) and the lock is not limited (else a later mmap
- * would fail). Never throws.
+ * mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT), but only where it is safe: the lock is
+ * not limited (else a later mmap would fail), the kernel can discard locked pages and the
+ * madvise library is loaded (else V8 would abort). Never throws.
  */
 export function lockAllMemory(mode: MemoryLockMode): MemoryLockResult {
   if (mode === 'off') return { locked: false, reason: 'memory locking is off (--memory-lock off)' };
-  if (!madviseShimLoaded()) {
-    return { locked: false, reason: `${madviseShimPath()} is not preloaded (V8 cannot run with locked memory without it)` };
-  }
+  if (process.platform !== 'linux') return { locked: false, reason: 'memory locking needs Linux' };
+  // The privilege first: it is the most common reason, and the one an operator can fix.
   if (!mayLockUnlimited()) return { locked: false, reason: 'no CAP_IPC_LOCK and RLIMIT_MEMLOCK is finite' };
   const c = libc;
   if (!c) return { locked: false, reason: 'libc cannot be loaded through koffi' };
+  if (!c.discardsLockedPages()) return { locked: false, reason: KERNEL_REASON };
+  if (!madviseShimLoaded()) {
+    return { locked: false, reason: `${madviseShimPath()} is not preloaded (V8 cannot run with locked memory without it)` };
+  }
   if (c.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) !== 0) return { locked: false, reason: `mlockall failed (errno ${c.errno()})` };
   return { locked: true };
 }

@@ -6,7 +6,8 @@ import test from 'ava';
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { RELAUNCH_MARKER, madviseShimPath, mayLockUnlimited } from '../../shared/src/memory-lock.js';
+import { release } from 'node:os';
+import { RELAUNCH_MARKER, kernelDiscardsLockedPages, madviseShimPath, mayLockUnlimited } from '../../shared/src/memory-lock.js';
 import { readHygieneStatus } from '../../shared/src/process-hygiene.js';
 
 const CHILD = fileURLToPath(new URL('../fixtures/hygiene-child.js', import.meta.url));
@@ -99,6 +100,12 @@ test('probe: without the madvise library, mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ON
   const fatal = /Check failed|Fatal error|Trace\/breakpoint|V8_Fatal/.exec(run.stderr);
   t.truthy(fatal, run.stderr.slice(0, 300));
   t.log(`V8 said: ${fatal?.[0] ?? '?'}`);
+});
+
+test('the kernel probe for MADV_DONTNEED_LOCKED agrees with the kernel version (5.18+)', (t) => {
+  const [major = 0, minor = 0] = release().split('.').map(Number);
+  const expected = process.platform === 'linux' && (major > 5 || (major === 5 && minor >= 18));
+  t.is(kernelDiscardsLockedPages(), expected, `kernel ${release()}`);
 });
 
 const shimBuilt = existsSync(madviseShimPath());
