@@ -3,8 +3,15 @@
  * next to this machine's own copy ceiling measured in the same run, and the time of a rekey
  * (metadata only) of many volumes next to the cost of reading their metadata.
  *
- *   node dist/bench/rotation.js [--size 1G] [--rekey-count 100] [--rekey-concurrency 1]
- *       [--dir DIR] [--skip-live] [--json FILE] [--markdown FILE] [--timeout-min 90]
+ *   node dist/bench/rotation.js [--size 1G] [--repeat 3] [--only PARTS] [--luks2-hotzone SIZE[,SIZE]]
+ *       [--rekey-count 100] [--rekey-concurrency 1] [--dir DIR] [--skip-live] [--json FILE]
+ *       [--markdown FILE] [--timeout-min 90]
+ *
+ * --only runs a subset: groups `luks2` (the two cryptsetup reencrypt rows), `qemu` (the two
+ * qemu-img convert rows), `live`, `rekey`, `reencrypt` (all of part 1), or single rows by
+ * name, comma-separated; e.g. `--only luks2` takes a few minutes instead of an hour.
+ * --luks2-hotzone adds LUKS2 rows with `--hotzone-size` set (for each size, checksum and
+ * journal), measured in the same rounds as the defaults; only the default rows are judged.
  *
  * Part 1, re-encryption of one volume of --size (default 1 GiB) per mechanism, through the
  * real mechanisms of host-agent/src/rotate with the real tools:
@@ -24,8 +31,13 @@
  *   only touches that file), so sources are read from the disk.
  *   Ceiling: `dd if=SRC of=DST bs=4M conv=fsync` of a --size file of random bytes in the
  *   same directory (cache of SRC dropped first, DST new each time), run before the first
- *   mechanism and after each one: a mechanism's ratio is its rate over the mean of the
- *   ceilings right before and right after it.
+ *   mechanism and after every timed run. The runs come in --repeat rounds (default 3),
+ *   every mechanism once per round, so each mechanism's runs are spread over the part and
+ *   alternate with ceiling copies: ceiling, A, ceiling, B, ceiling, ..., A, ceiling, B,
+ *   ceiling. A run's ratio is its rate over the mean of the ceilings right before and right
+ *   after it; a mechanism's figures are the medians over its runs (rates, ceilings, and the
+ *   per-run ratios), with their spread (min-max). The shared machine's disk was seen to
+ *   vary 4x between two dd copies minutes apart: one sample per position was not enough.
  *   Per run: wall time and MiB/s from the call of `run` to its return (end to end, with
  *   the key checks, creating the new header, verifying and the rename), the time of the
  *   data phase alone (from the mechanism's progress steps: "copying" or "reencrypting"),
@@ -69,7 +81,7 @@ import type { Libvirt } from '../host-agent/src/libvirt/ports.js';
 import { secretOwnerTag } from '../host-agent/src/reconcile/reconciler.js';
 import { secretUuidFor } from '../host-agent/src/reconcile/render-domain.js';
 import { createLiveCopy } from '../host-agent/src/rotate/live-copy.js';
-import { createLuks2Reencrypt } from '../host-agent/src/rotate/luks2-reencrypt.js';
+import { createLuks2Reencrypt, type Luks2Resilience } from '../host-agent/src/rotate/luks2-reencrypt.js';
 import { createLuks2Rekey } from '../host-agent/src/rotate/luks2-rekey.js';
 import { createQemuConvert } from '../host-agent/src/rotate/qemu-convert.js';
 import { createQemuRekey } from '../host-agent/src/rotate/qemu-rekey.js';
@@ -80,11 +92,19 @@ import { emitResults, latencyStats, machineBusySeconds, machineInfo, mapLimit, p
 
 // --- Options -------------------------------------------------------------------------------
 
-const USAGE = `usage: node dist/bench/rotation.js [--size 1G] [--rekey-count 100] [--rekey-concurrency 1]
-       [--dir DIR] [--skip-live] [--json FILE] [--markdown FILE] [--timeout-min 90]`;
+const USAGE = `usage: node dist/bench/rotation.js [--size 1G] [--repeat 3] [--only PARTS] [--luks2-hotzone SIZE[,SIZE]]
+       [--rekey-count 100] [--rekey-concurrency 1] [--dir DIR] [--skip-live] [--json FILE] [--markdown FILE]
+       [--timeout-min 90]
+  PARTS: comma-separated; groups luks2, qemu, live, rekey, or single rows ${'${'}ALL_PARTS.join(', ')}`;
 
 interface BenchOptions {
   sizeBytes: bigint;
+  /** Timed runs of each re-encryption mechanism, each followed by a ceiling copy. */
+  repeat: number;
+  /** The rows to run (all when --only is not given). */
+  only: ReadonlySet<string>;
+  /** Extra LUKS2 rows with `--hotzone-size` set to each of these. */
+  luks2Hotzones: bigint[];
   rekeyCount: number;
   rekeyConcurrency: number;
   dir: string;
@@ -96,13 +116,39 @@ interface BenchOptions {
 
 const MIB = 1n << 20n;
 
+/** Rows of the benchmark, and the groups --only accepts. */
+const REENCRYPT_PARTS = ['convert-luks', 'convert-qcow2', 'luks2-checksum', 'luks2-journal', 'live-luks'] as const;
+const REKEY_PARTS = ['rekey-luks2', 'rekey-luks'] as const;
+const ALL_PARTS: readonly string[] = [...REENCRYPT_PARTS, ...REKEY_PARTS];
+const PART_GROUPS: Record<string, readonly string[]> = {
+  luks2: ['luks2-checksum', 'luks2-journal'],
+  qemu: ['convert-luks', 'convert-qcow2'],
+  live: ['live-luks'],
+  rekey: REKEY_PARTS,
+  reencrypt: REENCRYPT_PARTS,
+};
+
+/** --only: groups and row names, comma-separated. */
+function parseOnly(v: string | undefined): Set<string> {
+  if (v === undefined) return new Set(ALL_PARTS);
+  const out = new Set<string>();
+  for (const item of v.split(',').map((x) => x.trim()).filter(Boolean)) {
+    const group = PART_GROUPS[item];
+    if (group) group.forEach((g) => out.add(g));
+    else if (ALL_PARTS.includes(item)) out.add(item);
+    else throw new Error(`--only: unknown part "${'${'}item}"\n${'${'}USAGE}`);
+  }
+  if (out.size === 0) throw new Error(`--only: nothing selected\n${'${'}USAGE}`);
+  return out;
+}
+
 /** "1G", "1GiB", "512M", "64MiB" or a byte count; a multiple of 1 MiB, at least 16 MiB. */
-function parseSize(v: string): bigint {
+function parseSize(v: string, option = '--size'): bigint {
   const m = /^(\d+)\s*(k|m|g|t)?(i?b)?$/i.exec(v.trim());
-  if (!m) throw new Error(`--size: cannot read "${v}"\n${USAGE}`);
+  if (!m) throw new Error(`${option}: cannot read "${v}"\n${USAGE}`);
   const shift = { '': 0n, k: 10n, m: 20n, g: 30n, t: 40n }[(m[2] ?? '').toLowerCase() as '' | 'k' | 'm' | 'g' | 't'];
   const bytes = BigInt(m[1]!) << shift;
-  if (bytes < 16n * MIB || bytes % MIB !== 0n || bytes > 1n << 40n) throw new Error(`--size must be a multiple of 1 MiB from 16 MiB to 1 TiB\n${USAGE}`);
+  if (bytes < 16n * MIB || bytes % MIB !== 0n || bytes > 1n << 40n) throw new Error(`${option} must be a multiple of 1 MiB from 16 MiB to 1 TiB\n${USAGE}`);
   return bytes;
 }
 
@@ -111,6 +157,9 @@ function parseOptions(argv: string[]): BenchOptions {
     args: argv,
     options: {
       size: { type: 'string', default: '1G' },
+      repeat: { type: 'string', default: '3' },
+      only: { type: 'string' },
+      'luks2-hotzone': { type: 'string' },
       'rekey-count': { type: 'string', default: '100' },
       'rekey-concurrency': { type: 'string', default: '1' },
       dir: { type: 'string', default: tmpdir() },
@@ -132,6 +181,17 @@ function parseOptions(argv: string[]): BenchOptions {
   };
   return {
     sizeBytes: parseSize(values.size ?? '1G'),
+    repeat: int('repeat', values.repeat, 1, 20),
+    only: parseOnly(values.only),
+    luks2Hotzones: (values['luks2-hotzone'] ?? '')
+      .split(',')
+      .map((x) => x.trim())
+      .filter(Boolean)
+      .map((x) => {
+        const b = parseSize(x, '--luks2-hotzone');
+        if (b > 1n << 30n) throw new Error(`--luks2-hotzone: at most 1 GiB (cryptsetup's limit)\n${'${'}USAGE}`);
+        return b;
+      }),
     rekeyCount: int('rekey-count', values['rekey-count'], 0, 10_000),
     rekeyConcurrency: int('rekey-concurrency', values['rekey-concurrency'], 1, 16),
     dir: resolve(values.dir ?? tmpdir()),
@@ -341,20 +401,25 @@ async function verifyQemuImage(format: 'luks' | 'qcow2-luks', path: string, key:
 // --- Ceilings ------------------------------------------------------------------------------------
 
 interface CeilingRecord {
-  /** Position: before mechanism 0, after mechanism 0 (= before 1), ... */
+  /** Position in the run: 0 before the first mechanism, then one after each timed run. */
   index: number;
+  /** What ran right before it ("start" for the first). */
+  after: string;
   usage: Usage;
   mibPerSecond: number;
+  /** 1-minute load average when it started. */
+  load1: number;
 }
 
-async function ceilingCopy(src: string, dst: string, size: bigint, index: number): Promise<CeilingRecord> {
+async function ceilingCopy(src: string, dst: string, size: bigint, index: number, after: string): Promise<CeilingRecord> {
   await unlinkQuiet(dst);
   await dropCache(src);
+  const load1 = loadavg()[0] ?? 0;
   const stop = meter();
   check(await runTool('dd', [`if=${src}`, `of=${dst}`, 'bs=4M', 'conv=fsync', 'status=none'], { timeoutMs: TOOL_TIMEOUT_MS }), 'dd (ceiling copy)');
   const usage = stop();
   await unlinkQuiet(dst);
-  const rec = { index, usage, mibPerSecond: mib(size) / usage.seconds };
+  const rec = { index, after, usage, mibPerSecond: mib(size) / usage.seconds, load1 };
   log(`ceiling ${index}: dd copy ${rec.mibPerSecond.toFixed(0)} MiB/s (${usage.seconds.toFixed(1)} s)`);
   return rec;
 }
@@ -366,13 +431,11 @@ interface StepTime {
   seconds: number;
 }
 
-interface ReencryptRecord {
-  key: string;
-  label: string;
-  format: ImageFormat;
-  /** The step that moves the data ("copying", "reencrypting"). */
-  dataStep: string;
-  usage?: Usage;
+/** One timed run of a mechanism. */
+interface RunRecord {
+  /** 1, 2, ... (--repeat). */
+  round: number;
+  usage: Usage;
   steps: StepTime[];
   dataSeconds?: number;
   bytesRewritten?: bigint;
@@ -380,10 +443,25 @@ interface ReencryptRecord {
   /** Seconds to create and fill the image (not timed as part of the rotation). */
   prepareSeconds?: number;
   verification?: string;
+  /** 1-minute load average when the run started. */
+  load1: number;
+  /** Indexes of the ceiling copies right before and right after this run. */
+  ceilingBefore: number;
+  ceilingAfter?: number;
+}
+
+/** One mechanism (a row of the table) and its timed runs. */
+interface ReencryptRecord {
+  key: string;
+  label: string;
+  format: ImageFormat;
+  /** The step that moves the data ("copying", "reencrypting"). */
+  dataStep: string;
+  runs: RunRecord[];
+  /** Whether this row's median ratio is judged against the issue's target. */
+  target: boolean;
   error?: string;
   skipped?: string;
-  /** Index of the ceiling run right after this one (the one before is index - 1). */
-  ceilingIndex?: number;
 }
 
 /** Records when each progress step starts; durations summed per step name. */
@@ -408,9 +486,9 @@ interface Ctx {
   size: bigint;
 }
 
-/** One offline mechanism on a freshly made, filled image in its own subdirectory. */
-async function offlineRun(ctx: Ctx, rec: ReencryptRecord, make: (run: RunTool, store: ImageStore) => RotationMechanism): Promise<void> {
-  const dir = join(ctx.work, rec.key);
+/** One offline mechanism on a freshly made, filled image in its own subdirectory; fills `out`. */
+async function offlineRun(ctx: Ctx, rec: ReencryptRecord, out: RunRecord, make: (run: RunTool, store: ImageStore) => RotationMechanism): Promise<void> {
+  const dir = join(ctx.work, `${rec.key}-${out.round}`);
   mkdirSync(dir, { mode: 0o700 });
   const path = join(dir, 'volume.img');
   const oldKey = randomBytes(32);
@@ -421,8 +499,8 @@ async function offlineRun(ctx: Ctx, rec: ReencryptRecord, make: (run: RunTool, s
     await store.create(spec(path, rec.format, ctx.size), oldKey);
     if (rec.format === 'luks2') await fillRandom(path, LUKS2_DATA_OFFSET_BYTES, LUKS2_DATA_OFFSET_BYTES + ctx.size, false);
     else await fillQemuImage(rec.format as 'luks' | 'qcow2-luks', path, oldKey, ctx.size);
-    rec.prepareSeconds = (performance.now() - t0) / 1000;
-    log(`${rec.label}: image made and filled in ${rec.prepareSeconds.toFixed(1)} s; rotating`);
+    out.prepareSeconds = (performance.now() - t0) / 1000;
+    log(`${rec.label} (run ${out.round}): image made and filled in ${out.prepareSeconds.toFixed(1)} s; rotating`);
     await dropCache(path);
 
     const tallies = new Map<string, ToolTally>();
@@ -430,23 +508,25 @@ async function offlineRun(ctx: Ctx, rec: ReencryptRecord, make: (run: RunTool, s
     const mechanism = make(run, createHostImageStore({ run }));
     const job: RotationJob = { rotationId: `bench-${rec.key}`, volumeId: `vol-${rec.key}`, kind: 'reencrypt', target: spec(path, rec.format, ctx.size), fromFormat: rec.format, oldKey, newKey };
     const clock = stepClock();
+    out.load1 = loadavg()[0] ?? 0;
     const stop = meter();
     const result = await mechanism.run(job, { onProgress: clock.onProgress });
-    rec.usage = stop();
-    rec.steps = clock.finish();
-    rec.tools = [...tallies.values()];
-    rec.bytesRewritten = result.bytesRewritten;
-    rec.dataSeconds = rec.steps.find((s) => s.step === rec.dataStep)?.seconds;
-    log(`${rec.label}: ${rec.usage.seconds.toFixed(1)} s end to end (${(mib(ctx.size) / rec.usage.seconds).toFixed(0)} MiB/s)`);
+    out.usage = stop();
+    out.steps = clock.finish();
+    out.tools = [...tallies.values()];
+    out.bytesRewritten = result.bytesRewritten;
+    const dataSeconds = out.steps.find((s) => s.step === rec.dataStep)?.seconds;
+    if (dataSeconds !== undefined) out.dataSeconds = dataSeconds;
+    log(`${rec.label} (run ${out.round}): ${out.usage.seconds.toFixed(1)} s end to end (${(mib(ctx.size) / out.usage.seconds).toFixed(0)} MiB/s)`);
 
     if (rec.format === 'luks2') {
       // No device-mapper here: the plaintext cannot be read; the keys are what can be checked.
       const images = createHostImageStore();
       const s = spec(path, 'luks2', ctx.size);
       if (!(await images.testKey(path, s, newKey)) || (await images.testKey(path, s, oldKey))) throw new Error('after the re-encryption the new key must open the image and the old one must not');
-      rec.verification = `new key opens, old key refused (cryptsetup open --test-passphrase); mechanism's own check: ${result.verified ? 'data compared' : 'header only'}`;
+      out.verification = `new key opens, old key refused (cryptsetup open --test-passphrase); mechanism's own check: ${result.verified ? 'data compared' : 'header only'}`;
     } else {
-      rec.verification = `${await verifyQemuImage(rec.format as 'luks' | 'qcow2-luks', path, newKey, ctx.size)}; mechanism's own check: ${result.verified ? 'qemu-img compare of all data' : 'keys only'}`;
+      out.verification = `${await verifyQemuImage(rec.format as 'luks' | 'qcow2-luks', path, newKey, ctx.size)}; mechanism's own check: ${result.verified ? 'qemu-img compare of all data' : 'keys only'}`;
     }
   } finally {
     wipe(oldKey, newKey);
@@ -454,18 +534,18 @@ async function offlineRun(ctx: Ctx, rec: ReencryptRecord, make: (run: RunTool, s
   }
 }
 
-/** The live blockcopy of a running guest's luks disk. */
-async function liveRun(ctx: Ctx, rec: ReencryptRecord): Promise<void> {
+/** The live blockcopy of a running guest's luks disk; fills `out`. */
+async function liveRun(ctx: Ctx, rec: ReencryptRecord, out: RunRecord): Promise<void> {
   const env = await ensureLibvirtd();
   if (env.skipReason) {
     rec.skipped = env.skipReason;
     return;
   }
-  const dir = join(ctx.work, rec.key);
+  const dir = join(ctx.work, `${rec.key}-${out.round}`);
   mkdirSync(dir);
   chmodSync(dir, 0o755); // QEMU runs as libvirt-qemu and must reach the image
-  const name = `vkrb-${RUN}`;
-  const volumeId = `vrb-${RUN}`;
+  const name = `vkrb-${RUN}-${out.round}`;
+  const volumeId = `vrb-${RUN}-${out.round}`;
   const path = join(dir, `${volumeId}.img`);
   const serial = join(dir, 'serial.log');
   const oldKey = randomBytes(32);
@@ -501,8 +581,8 @@ async function liveRun(ctx: Ctx, rec: ReencryptRecord): Promise<void> {
     await lv.domains.define(guestDomainXml({ name, domainType: env.domainType, marker: { guestId: `g-${RUN}`, generation: 1, hostId: HOST }, disk: { path, secretUuid }, serialLog: serial }));
     await lv.domains.start(name);
     if (!(await waitForFileText(serial, BOOT_MESSAGE, 60_000))) throw new Error('the guest did not boot from its encrypted disk within 60 s');
-    rec.prepareSeconds = (performance.now() - t0) / 1000;
-    log(`${rec.label}: guest ${name} (${env.domainType}) running from its ${mib(ctx.size)} MiB disk, made in ${rec.prepareSeconds.toFixed(1)} s; rotating`);
+    out.prepareSeconds = (performance.now() - t0) / 1000;
+    log(`${rec.label} (run ${out.round}): guest ${name} (${env.domainType}) running from its ${mib(ctx.size)} MiB disk, made in ${out.prepareSeconds.toFixed(1)} s; rotating`);
     await dropCache(path);
 
     const readPid = (file: string): number | undefined => {
@@ -524,17 +604,19 @@ async function liveRun(ctx: Ctx, rec: ReencryptRecord): Promise<void> {
     });
     const job: RotationJob = { rotationId: `bench-${rec.key}`, volumeId, kind: 'reencrypt', target: spec(path, 'luks', ctx.size), fromFormat: 'luks', oldKey, newKey };
     const clock = stepClock();
+    out.load1 = loadavg()[0] ?? 0;
     const stop = meter(pids);
     const result = await mechanism.run(job, { onProgress: clock.onProgress });
-    rec.usage = stop();
-    rec.steps = clock.finish();
-    rec.tools = [...tallies.values()];
-    if (pids.length > 0) rec.tools.push({ tool: `guest QEMU + libvirtd (pids ${pids.join(', ')})`, calls: 0, seconds: rec.usage.seconds, cpu: rec.usage.toolCpu - [...tallies.values()].reduce((s, t) => s + t.cpu, 0) });
-    rec.bytesRewritten = result.bytesRewritten;
-    rec.dataSeconds = rec.steps.find((s) => s.step === rec.dataStep)?.seconds;
-    log(`${rec.label}: ${rec.usage.seconds.toFixed(1)} s end to end (${(mib(ctx.size) / rec.usage.seconds).toFixed(0)} MiB/s)`);
+    out.usage = stop();
+    out.steps = clock.finish();
+    out.tools = [...tallies.values()];
+    if (pids.length > 0) out.tools.push({ tool: `guest QEMU + libvirtd (pids ${pids.join(', ')})`, calls: 0, seconds: out.usage.seconds, cpu: out.usage.toolCpu - [...tallies.values()].reduce((s, t) => s + t.cpu, 0) });
+    out.bytesRewritten = result.bytesRewritten;
+    const dataSeconds = out.steps.find((s) => s.step === rec.dataStep)?.seconds;
+    if (dataSeconds !== undefined) out.dataSeconds = dataSeconds;
+    log(`${rec.label} (run ${out.round}): ${out.usage.seconds.toFixed(1)} s end to end (${(mib(ctx.size) / out.usage.seconds).toFixed(0)} MiB/s)`);
     if ((await lv.domains.state(name)) !== 'running') throw new Error('the guest is not running after the live re-encryption');
-    rec.verification = `${await verifyQemuImage('luks', path, newKey, ctx.size)} while the guest runs; guest still running`;
+    out.verification = `${await verifyQemuImage('luks', path, newKey, ctx.size)} while the guest runs; guest still running`;
   } finally {
     wipe(oldKey, newKey);
     await cleanup();
@@ -653,28 +735,38 @@ interface Results {
   ceilings: CeilingRecord[];
   reencrypt: ReencryptRecord[];
   rekey: RekeyRecord[];
-  targets: { name: string; value: number | undefined; target: string; pass: boolean }[];
+  targets: { name: string; value: number | undefined; min: number | undefined; max: number | undefined; target: string; pass: boolean }[];
+  repeat: number;
   totalSeconds: number;
 }
 
-function reencryptPlan(opts: BenchOptions): { rec: ReencryptRecord; go: (ctx: Ctx, rec: ReencryptRecord) => Promise<void> }[] {
-  const base = { steps: [], tools: [] };
-  return [
-    { rec: { ...base, key: 'convert-luks', label: 'qemu-img convert, luks', format: 'luks', dataStep: 'copying' }, go: (c, r) => offlineRun(c, r, (run, store) => createQemuConvert({ run, store, copyTimeoutMs: TOOL_TIMEOUT_MS })) },
-    { rec: { ...base, key: 'convert-qcow2', label: 'qemu-img convert, qcow2-luks', format: 'qcow2-luks', dataStep: 'copying' }, go: (c, r) => offlineRun(c, r, (run, store) => createQemuConvert({ run, store, copyTimeoutMs: TOOL_TIMEOUT_MS })) },
-    {
-      rec: { ...base, key: 'luks2-checksum', label: 'cryptsetup reencrypt, luks2, checksum', format: 'luks2', dataStep: 'reencrypting' },
-      go: (c, r) => offlineRun(c, r, (run, images) => createLuks2Reencrypt({ run, images, resilience: 'checksum', reencryptTimeoutMs: TOOL_TIMEOUT_MS })),
-    },
-    {
-      rec: { ...base, key: 'luks2-journal', label: 'cryptsetup reencrypt, luks2, journal', format: 'luks2', dataStep: 'reencrypting' },
-      go: (c, r) => offlineRun(c, r, (run, images) => createLuks2Reencrypt({ run, images, resilience: 'journal', reencryptTimeoutMs: TOOL_TIMEOUT_MS })),
-    },
-    {
-      rec: { ...base, key: 'live-luks', label: 'live blockcopy, luks (guest running)', format: 'luks', dataStep: 'copying', ...(opts.skipLive ? { skipped: '--skip-live' } : {}) },
-      go: liveRun,
-    },
+type Go = (ctx: Ctx, rec: ReencryptRecord, out: RunRecord) => Promise<void>;
+
+function reencryptPlan(opts: BenchOptions): { rec: ReencryptRecord; go: Go }[] {
+  const row = (key: string, label: string, format: ImageFormat, dataStep: string, target = false): ReencryptRecord => ({ key, label, format, dataStep, runs: [], target });
+  const convert: Go = (c, r, o) => offlineRun(c, r, o, (run, store) => createQemuConvert({ run, store, copyTimeoutMs: TOOL_TIMEOUT_MS }));
+  const luks2 =
+    (resilience: Luks2Resilience, hotzone?: bigint): Go =>
+    (c, r, o) =>
+      offlineRun(c, r, o, (run, images) => createLuks2Reencrypt({ run, images, resilience, reencryptTimeoutMs: TOOL_TIMEOUT_MS, ...(hotzone === undefined ? {} : { hotzoneSizeBytes: hotzone }) }));
+  const plan: { rec: ReencryptRecord; go: Go }[] = [
+    { rec: row('convert-luks', 'qemu-img convert, luks', 'luks', 'copying'), go: convert },
+    { rec: row('convert-qcow2', 'qemu-img convert, qcow2-luks', 'qcow2-luks', 'copying'), go: convert },
+    { rec: row('luks2-checksum', 'cryptsetup reencrypt, luks2, checksum', 'luks2', 'reencrypting', true), go: luks2('checksum') },
+    { rec: row('luks2-journal', 'cryptsetup reencrypt, luks2, journal', 'luks2', 'reencrypting', true), go: luks2('journal') },
   ];
+  // Variants (--luks2-hotzone): next to the defaults, in the same rounds; not judged.
+  for (const hz of opts.luks2Hotzones) {
+    for (const resilience of ['checksum', 'journal'] as const) {
+      const rec = row(`luks2-${resilience}`, `cryptsetup reencrypt, luks2, ${resilience}, --hotzone-size ${mib(hz)}M`, 'luks2', 'reencrypting');
+      plan.push({ rec: { ...rec, key: `luks2-${resilience}-hz${mib(hz)}m` }, go: luks2(resilience, hz) });
+    }
+  }
+  const live = row('live-luks', 'live blockcopy, luks (guest running)', 'luks', 'copying');
+  if (opts.skipLive) live.skipped = '--skip-live';
+  plan.push({ rec: live, go: liveRun });
+  // --only selects rows by their base name (hotzone variants go with their resilience).
+  return plan.filter((p) => opts.only.has(p.rec.key.replace(/-hz\d+m$/, '')));
 }
 
 async function run(opts: BenchOptions): Promise<Results> {
@@ -694,38 +786,48 @@ async function run(opts: BenchOptions): Promise<Results> {
   const work = mkdtempSync(join(opts.dir, 'virtkm-rotbench-'));
   chmodSync(work, 0o755);
   cleanups.push({ name: 'work directory', fn: () => rmSync(work, { recursive: true, force: true }) });
-  log(`work directory ${work} (${mib(free).toFixed(0)} MiB free), volume size ${mib(opts.sizeBytes)} MiB`);
+  log(`work directory ${work} (${mib(free).toFixed(0)} MiB free), volume size ${mib(opts.sizeBytes)} MiB, ${opts.repeat} run(s) per mechanism`);
   const ctx: Ctx = { opts, work, size: opts.sizeBytes };
 
-  // Part 1: ceilings around each re-encryption.
-  const src = join(work, 'ceiling-src.bin');
-  const dst = join(work, 'ceiling-dst.bin');
-  await fillRandom(src, 0n, opts.sizeBytes, true);
-  const ceilings: CeilingRecord[] = [await ceilingCopy(src, dst, opts.sizeBytes, 0)];
+  // Part 1: rounds of (mechanism, ceiling) pairs after a first ceiling, every mechanism
+  // once per round, so that each mechanism's runs are spread over the whole part and each
+  // run has a ceiling copy right before and right after it.
   const plan = reencryptPlan(opts);
+  const ceilings: CeilingRecord[] = [];
   let failed = false;
-  for (const { rec, go } of plan) {
-    if (rec.skipped) continue;
-    try {
-      await go(ctx, rec);
-    } catch (err) {
-      failed = true;
-      rec.error = err instanceof Error ? err.message : String(err);
-      log(`${rec.label} FAILED: ${rec.error}`);
+  if (plan.some((p) => !p.rec.skipped)) {
+    const src = join(work, 'ceiling-src.bin');
+    const dst = join(work, 'ceiling-dst.bin');
+    await fillRandom(src, 0n, opts.sizeBytes, true);
+    ceilings.push(await ceilingCopy(src, dst, opts.sizeBytes, 0, 'start'));
+    for (let round = 1; round <= opts.repeat; round++) {
+      for (const { rec, go } of plan) {
+        if (rec.skipped || rec.error) continue;
+        const out: RunRecord = { round, usage: { seconds: 0, benchCpu: 0, toolCpu: 0, otherCpu: undefined }, steps: [], tools: [], load1: 0, ceilingBefore: ceilings.length - 1 };
+        try {
+          await go(ctx, rec, out);
+          rec.runs.push(out);
+        } catch (err) {
+          failed = true;
+          rec.error = err instanceof Error ? err.message : String(err);
+          log(`${rec.label} FAILED: ${rec.error}`);
+        }
+        if (rec.skipped) {
+          log(`${rec.label}: skipped (${rec.skipped})`);
+          continue;
+        }
+        ceilings.push(await ceilingCopy(src, dst, opts.sizeBytes, ceilings.length, `${rec.label}, run ${round}`));
+        out.ceilingAfter = ceilings.length - 1;
+      }
     }
-    if (rec.skipped) {
-      log(`${rec.label}: skipped (${rec.skipped})`);
-      continue;
-    }
-    ceilings.push(await ceilingCopy(src, dst, opts.sizeBytes, ceilings.length));
-    rec.ceilingIndex = ceilings.length - 1;
+    await unlinkQuiet(src);
   }
-  await unlinkQuiet(src);
 
   // Part 2: rekey of many volumes.
   const rekey: RekeyRecord[] = [];
   if (opts.rekeyCount > 0) {
     for (const format of ['luks2', 'luks'] as const) {
+      if (!opts.only.has(`rekey-${format}`)) continue;
       const rec: RekeyRecord = {
         key: `rekey-${format}`,
         label: format === 'luks' ? 'qemu-img amend, luks' : 'cryptsetup luksAddKey/luksKillSlot, luks2',
@@ -748,10 +850,11 @@ async function run(opts: BenchOptions): Promise<Results> {
 
   const reencrypt = plan.map((p) => p.rec);
   const targets = reencrypt
-    .filter((r) => r.format === 'luks2')
+    .filter((r) => r.target && !r.skipped)
     .map((r) => {
-      const ratio = ratioOf(r, ceilings, 'total', opts.sizeBytes);
-      return { name: `${r.label}: end-to-end MiB/s / copy ceiling MiB/s`, value: ratio, target: '>= 0.5', pass: ratio !== undefined && ratio >= 0.5 };
+      const s = statsOf(r, ceilings, opts.sizeBytes);
+      const value = s?.ratio.median;
+      return { name: `${r.label}: end-to-end MiB/s / copy ceiling MiB/s, median of ${r.runs.length} run(s)`, value, min: s?.ratio.min, max: s?.ratio.max, target: '>= 0.5', pass: value !== undefined && value >= 0.5 };
     });
   if (failed) process.exitCode = 1;
   return {
@@ -766,31 +869,87 @@ async function run(opts: BenchOptions): Promise<Results> {
     reencrypt,
     rekey,
     targets,
+    repeat: opts.repeat,
     totalSeconds: (performance.now() - started) / 1000,
   };
 }
 
 // --- Report ---------------------------------------------------------------------------------
 
-/** The ceiling of a mechanism: mean of the dd copies right before and right after it. */
-function ceilingOf(r: ReencryptRecord, ceilings: readonly CeilingRecord[]): number | undefined {
-  const i = r.ceilingIndex;
-  if (i === undefined) return undefined;
-  const before = ceilings[i - 1];
-  const after = ceilings[i];
-  if (!before || !after) return undefined;
-  return (before.mibPerSecond + after.mibPerSecond) / 2;
+/** The ceiling of one run: mean of the dd copies right before and right after it. */
+function ceilingOf(run: RunRecord, ceilings: readonly CeilingRecord[]): number | undefined {
+  const before = ceilings[run.ceilingBefore];
+  const after = run.ceilingAfter === undefined ? undefined : ceilings[run.ceilingAfter];
+  if (!before) return undefined;
+  return after ? (before.mibPerSecond + after.mibPerSecond) / 2 : before.mibPerSecond;
 }
 
-function rateOf(r: ReencryptRecord, size: bigint, which: 'total' | 'data'): number | undefined {
-  const seconds = which === 'total' ? r.usage?.seconds : r.dataSeconds;
-  return seconds && !r.error ? mib(size) / seconds : undefined;
+/** Median, min and max of the defined values (undefined when there are none). */
+interface Spread {
+  median: number;
+  min: number;
+  max: number;
 }
 
-function ratioOf(r: ReencryptRecord, ceilings: readonly CeilingRecord[], which: 'total' | 'data', size: bigint): number | undefined {
-  const c = ceilingOf(r, ceilings);
-  const rate = rateOf(r, size, which);
-  return c === undefined || rate === undefined ? undefined : rate / c;
+function spread(values: readonly (number | undefined)[]): Spread | undefined {
+  const v = values.filter((x): x is number => x !== undefined && Number.isFinite(x)).sort((a, b) => a - b);
+  if (v.length === 0) return undefined;
+  const mid = Math.floor(v.length / 2);
+  const median = v.length % 2 === 1 ? v[mid]! : (v[mid - 1]! + v[mid]!) / 2;
+  return { median, min: v[0]!, max: v[v.length - 1]! };
+}
+
+/** Per-run figures of a mechanism, and their spreads over its runs. */
+interface RowStats {
+  runs: number;
+  seconds: Spread | undefined;
+  rate: Spread | undefined;
+  dataSeconds: Spread | undefined;
+  dataRate: Spread | undefined;
+  toolCpu: Spread | undefined;
+  toolPct: Spread | undefined;
+  benchPct: Spread | undefined;
+  otherPct: Spread | undefined;
+  ceiling: Spread | undefined;
+  /** Each run's MiB/s over its own ceiling (the copies right before and after it). */
+  ratio: Spread;
+  dataRatio: Spread | undefined;
+}
+
+function statsOf(r: ReencryptRecord, ceilings: readonly CeilingRecord[], size: bigint): RowStats | undefined {
+  const runs = r.runs;
+  const per = runs.map((run) => {
+    const c = ceilingOf(run, ceilings);
+    const rate = run.usage.seconds > 0 ? mib(size) / run.usage.seconds : undefined;
+    const dataRate = run.dataSeconds ? mib(size) / run.dataSeconds : undefined;
+    const u = run.usage;
+    return {
+      c,
+      rate,
+      dataRate,
+      ratio: c && rate !== undefined ? rate / c : undefined,
+      dataRatio: c && dataRate !== undefined ? dataRate / c : undefined,
+      toolPct: u.seconds > 0 ? (100 * u.toolCpu) / u.seconds : undefined,
+      benchPct: u.seconds > 0 ? (100 * u.benchCpu) / u.seconds : undefined,
+      otherPct: u.seconds > 0 && u.otherCpu !== undefined ? (100 * u.otherCpu) / u.seconds : undefined,
+    };
+  });
+  const ratio = spread(per.map((p) => p.ratio));
+  if (!ratio) return undefined;
+  return {
+    runs: runs.length,
+    seconds: spread(runs.map((x) => x.usage.seconds)),
+    rate: spread(per.map((p) => p.rate)),
+    dataSeconds: spread(runs.map((x) => x.dataSeconds)),
+    dataRate: spread(per.map((p) => p.dataRate)),
+    toolCpu: spread(runs.map((x) => x.usage.toolCpu)),
+    toolPct: spread(per.map((p) => p.toolPct)),
+    benchPct: spread(per.map((p) => p.benchPct)),
+    otherPct: spread(per.map((p) => p.otherPct)),
+    ceiling: spread(per.map((p) => p.c)),
+    ratio,
+    dataRatio: spread(per.map((p) => p.dataRatio)),
+  };
 }
 
 function fmt(n: number | undefined, digits = 0): string {
@@ -811,39 +970,55 @@ function markdownTable(rows: string[][]): string {
   return [line(head!), line(head!.map((_, i) => (i === 0 ? '---' : '---:'))), ...body.map(line)].join('\n');
 }
 
+/** "min-max" of a spread (one value when they are equal). */
+function range(sp: Spread | undefined, digits = 0): string {
+  if (!sp) return '-';
+  const lo = fmt(sp.min, digits);
+  const hi = fmt(sp.max, digits);
+  return lo === hi ? lo : `${lo}-${hi}`;
+}
+
 function reencryptRows(r: Results): string[][] {
-  const rows: string[][] = [['re-encryption of one volume', 'wall s', 'MiB/s', 'data phase s', 'data phase MiB/s', 'tool CPU s', 'tool CPU %', 'bench CPU %', 'other procs CPU %', 'copy ceiling MiB/s', 'ratio', 'ratio (data phase)']];
+  const rows: string[][] = [
+    ['re-encryption of one volume', 'runs', 'wall s', 'MiB/s', 'MiB/s min-max', 'data phase s', 'data phase MiB/s', 'tool CPU s', 'tool CPU %', 'bench CPU %', 'other procs CPU %', 'copy ceiling MiB/s', 'ceiling min-max', 'ratio', 'ratio min-max', 'ratio (data phase)'],
+  ];
   for (const rec of r.reencrypt) {
-    if (rec.skipped || rec.error) {
-      rows.push([rec.label, rec.skipped ? `skipped: ${rec.skipped}` : `FAILED: ${rec.error ?? ''}`.slice(0, 120), '', '', '', '', '', '', '', '', '', '']);
+    const st = rec.skipped ? undefined : statsOf(rec, r.ceilings, r.sizeBytes);
+    if (rec.skipped || rec.error || !st) {
+      const why = rec.skipped ? `skipped: ${rec.skipped}` : `FAILED${rec.runs.length ? ` after ${rec.runs.length} run(s)` : ''}: ${rec.error ?? 'no run'}`.slice(0, 160);
+      rows.push([rec.label, String(rec.runs.length), why, '', '', '', '', '', '', '', '', '', '', '', '', '']);
       continue;
     }
-    const u = rec.usage;
-    const c = ceilingOf(rec, r.ceilings);
+    const m = (sp: Spread | undefined, d = 0) => fmt(sp?.median, d);
     rows.push([
       rec.label,
-      fmt(u?.seconds, 1),
-      fmt(rateOf(rec, r.sizeBytes, 'total')),
-      fmt(rec.dataSeconds, 1),
-      fmt(rateOf(rec, r.sizeBytes, 'data')),
-      fmt(u?.toolCpu, 1),
-      pct(u?.toolCpu, u?.seconds),
-      pct(u?.benchCpu, u?.seconds),
-      pct(u?.otherCpu, u?.seconds),
-      fmt(c),
-      fmt(ratioOf(rec, r.ceilings, 'total', r.sizeBytes), 2),
-      fmt(ratioOf(rec, r.ceilings, 'data', r.sizeBytes), 2),
+      String(st.runs),
+      m(st.seconds, 1),
+      m(st.rate),
+      range(st.rate),
+      m(st.dataSeconds, 1),
+      m(st.dataRate),
+      m(st.toolCpu, 1),
+      m(st.toolPct),
+      m(st.benchPct),
+      m(st.otherPct),
+      m(st.ceiling),
+      range(st.ceiling),
+      m(st.ratio, 2),
+      range(st.ratio, 2),
+      m(st.dataRatio, 2),
     ]);
   }
   return rows;
 }
 
 function ceilingRows(r: Results): string[][] {
-  const rows: string[][] = [['copy ceiling (dd bs=4M conv=fsync)', 'wall s', 'MiB/s', 'tool CPU %', 'other procs CPU %']];
+  const rows: string[][] = [['copy ceiling (dd bs=4M conv=fsync)', 'wall s', 'MiB/s', 'load avg 1 min', 'tool CPU %', 'other procs CPU %']];
   for (const c of r.ceilings) {
-    const after = r.reencrypt.find((x) => x.ceilingIndex === c.index);
-    rows.push([c.index === 0 ? 'before the first mechanism' : `after ${after?.label ?? '?'}`, fmt(c.usage.seconds, 1), fmt(c.mibPerSecond), pct(c.usage.toolCpu, c.usage.seconds), pct(c.usage.otherCpu, c.usage.seconds)]);
+    rows.push([c.index === 0 ? 'before the first mechanism' : `after ${c.after}`, fmt(c.usage.seconds, 1), fmt(c.mibPerSecond), fmt(c.load1, 2), pct(c.usage.toolCpu, c.usage.seconds), pct(c.usage.otherCpu, c.usage.seconds)]);
   }
+  const all = spread(r.ceilings.map((c) => c.mibPerSecond));
+  if (all && r.ceilings.length > 1) rows.push([`all ${r.ceilings.length} copies: median (min-max)`, '', `${fmt(all.median)} (${range(all)})`, '', '', '']);
   return rows;
 }
 
@@ -877,8 +1052,9 @@ function rekeyRows(r: Results): string[][] {
 }
 
 function targetRows(r: Results): string[][] {
-  const rows: string[][] = [['target (issue 4)', 'measured', 'target', 'verdict']];
-  for (const t of r.targets) rows.push([t.name, fmt(t.value, 2), t.target, t.pass ? 'PASS' : 'MISS']);
+  const rows: string[][] = [['target (issue 4)', 'measured (median)', 'min-max', 'target', 'verdict']];
+  // Three digits: a median of 0.4996 must not print as a passing 0.50.
+  for (const t of r.targets) rows.push([t.name, fmt(t.value, 3), t.min === undefined || t.max === undefined ? '-' : `${fmt(t.min, 3)}-${fmt(t.max, 3)}`, t.target, t.pass ? 'PASS' : 'MISS']);
   return rows;
 }
 
@@ -891,8 +1067,26 @@ function detailLines(r: Results): string[] {
       .map((t) => `${t.tool}${t.calls ? ` x${t.calls}` : ''} ${t.seconds.toFixed(1)} s, ${t.cpu.toFixed(1)} s CPU`)
       .join('; ');
   for (const rec of r.reencrypt) {
-    if (!rec.usage) continue;
-    lines.push(`- ${rec.label}: steps ${rec.steps.map((s) => `${s.step} ${s.seconds.toFixed(1)} s`).join(', ')}. Tools: ${tools(rec.tools)}. Image made and filled in ${fmt(rec.prepareSeconds, 1)} s (not timed). Check: ${rec.verification ?? '-'}.`);
+    if (rec.runs.length === 0) continue;
+    const n = rec.runs.length;
+    // Steps: median per step over the runs; tools: mean per run.
+    const stepNames = [...new Set(rec.runs.flatMap((x) => x.steps.map((st) => st.step)))];
+    const steps = stepNames.map((name) => `${name} ${fmt(spread(rec.runs.map((x) => x.steps.find((st) => st.step === name)?.seconds))?.median, 1)} s`);
+    const perRun = new Map<string, ToolTally>();
+    for (const t of rec.runs.flatMap((x) => x.tools)) {
+      const a = perRun.get(t.tool) ?? { tool: t.tool, calls: 0, seconds: 0, cpu: 0 };
+      a.calls += t.calls / n;
+      a.seconds += t.seconds / n;
+      a.cpu += t.cpu / n;
+      perRun.set(t.tool, a);
+    }
+    const rounded = [...perRun.values()].map((t) => ({ ...t, calls: Math.round(t.calls * 10) / 10 }));
+    const verified = rec.runs.map((x) => x.verification).filter(Boolean);
+    lines.push(
+      `- ${rec.label} (${n} run${n > 1 ? 's' : ''}): steps (median) ${steps.join(', ')}. Tools (mean per run): ${tools(rounded)}. ` +
+        `Image made and filled in ${fmt(spread(rec.runs.map((x) => x.prepareSeconds))?.median, 1)} s (median, not timed). ` +
+        `Load average (1 min) at the start of each run: ${rec.runs.map((x) => fmt(x.load1, 2)).join(', ')}. Check (${verified.length}/${n} runs): ${verified[0] ?? '-'}.`,
+    );
   }
   for (const rec of r.rekey) {
     if (!rec.usage) continue;
@@ -903,14 +1097,15 @@ function detailLines(r: Results): string[] {
 
 function setupLine(r: Results): string {
   return (
-    `volume ${mib(r.sizeBytes)} MiB, ${CIPHER} 512-bit key, 512-byte sectors, filled with non-zero data; images and ceiling files in ${r.dir} ` +
+    `volume ${mib(r.sizeBytes)} MiB, ${CIPHER} 512-bit key, 512-byte sectors, filled with non-zero data; ${r.repeat} run(s) per mechanism in rounds; images and ceiling files in ${r.dir} ` +
     `(${fmt(mib(r.freeBytesAtStart) / 1024, 0)} GiB free at start); page cache of each source dropped before its timed run; whole run ${fmt(r.totalSeconds / 60, 1)} min`
   );
 }
 
 const NOTES =
+  'Each mechanism ran "runs" times, in rounds (every mechanism once per round), with a dd copy ceiling before the first run and after every run. Figures are medians over the runs, with the spread (min-max) where shown. ' +
   '"MiB/s" = volume size / wall time of the mechanism\'s run() (key checks, new header, copy or rewrite, verification, rename, all included); "data phase" = the step that moves the data (copying, reencrypting) alone. ' +
-  '"ratio" = MiB/s / mean of the dd copy ceilings right before and right after that run. CPU % is of one core: "tool" = the tools the mechanism ran (for the live copy also the guest\'s QEMU and libvirtd), "bench" = this node process, "other procs" = the rest of the machine (shared with other work).';
+  '"ratio" = median over the runs of each run\'s MiB/s / the mean of the two dd copies right before and right after that run (not median MiB/s / median ceiling); "copy ceiling" = median of those per-run means. CPU % is of one core: "tool" = the tools the mechanism ran (for the live copy also the guest\'s QEMU and libvirtd), "bench" = this node process, "other procs" = the rest of the machine (shared with other work).';
 
 function report(r: Results): string {
   const m = r.machine;
@@ -920,17 +1115,11 @@ function report(r: Results): string {
     `command: ${r.command}`,
     `setup: ${setupLine(r)}`,
     '',
-    table(reencryptRows(r)),
-    '',
-    table(ceilingRows(r)),
-    '',
-    NOTES,
-    '',
-    table(rekeyRows(r)),
-    '',
+    ...(r.reencrypt.length > 0 ? [table(reencryptRows(r)), '', table(ceilingRows(r)), '', NOTES, ''] : []),
+    ...(r.rekey.length > 0 ? [table(rekeyRows(r)), ''] : []),
     ...detailLines(r),
     '',
-    table(targetRows(r)),
+    ...(r.targets.length > 0 ? [table(targetRows(r))] : []),
   ].join('\n');
 }
 
@@ -943,18 +1132,11 @@ function markdown(r: Results): string {
     `- Command: \`${r.command}\``,
     `- Setup: ${setupLine(r)}`,
     '',
-    markdownTable(reencryptRows(r)),
-    '',
-    markdownTable(ceilingRows(r)),
-    '',
-    NOTES,
-    '',
-    markdownTable(rekeyRows(r)),
-    '',
+    ...(r.reencrypt.length > 0 ? [markdownTable(reencryptRows(r)), '', markdownTable(ceilingRows(r)), '', NOTES, ''] : []),
+    ...(r.rekey.length > 0 ? [markdownTable(rekeyRows(r)), ''] : []),
     ...detailLines(r),
     '',
-    markdownTable(targetRows(r)),
-    '',
+    ...(r.targets.length > 0 ? [markdownTable(targetRows(r)), ''] : []),
   ].join('\n');
 }
 

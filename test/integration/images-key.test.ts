@@ -3,12 +3,14 @@
  * with the key on fd 3. The secrets contain 0x00 and 0x0a on purpose.
  */
 import anyTest, { type TestFn } from 'ava';
+import { readdirSync, readFileSync } from 'node:fs';
 import { copyFile, readFile, truncate } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { createHostImageStore } from '../../host-agent/src/images/image-store.js';
 import { luksPassphrase } from '../../host-agent/src/images/passphrase.js';
 import type { ImageSpec } from '../../host-agent/src/images/types.js';
-import { runTool } from '../../shared/src/run-tool.js';
+import { runTool, type RunTool } from '../../shared/src/run-tool.js';
 import { awkwardSecret, domainRejection, qemuIo, removeDir, specFor, tempDir } from '../fixtures/images/image-helpers.js';
 
 interface Volume {
@@ -103,3 +105,90 @@ for (const name of ['luks', 'qcow2Luks'] as const) {
     t.true(await store.testKey(spec.path, spec, secret), 'the key still opens it after writes');
   });
 }
+
+/** PIDs of this process's children running `tool` with an argument that contains `needle`. */
+function childrenRunning(tool: string, needle: string): number[] {
+  const pids: number[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, 'latin1');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      const argv = readFileSync(`/proc/${name}/cmdline`, 'latin1').split('\0');
+      if (ppid === process.pid && basename(argv[0] ?? '') === tool && argv.some((a) => a.includes(needle))) pids.push(Number(name));
+    } catch {
+      // Gone meanwhile.
+    }
+  }
+  return pids;
+}
+
+test('testKey is unavailable, not "wrong key", while qemu-io is killed or another process holds the image without sharing reads; it answers again once released', async (t) => {
+  const { dir } = t.context;
+  // An image of its own: the other tests of this file run at the same time.
+  const spec = specFor(dir, 'luks', { path: join(dir, 'busy.img') });
+  const secret = awkwardSecret();
+  await store.create(spec, secret);
+
+  // 1. qemu-io killed by a signal (SIGKILL, as the OOM killer would) while it checks the key.
+  let kills = 0;
+  const killingRun: RunTool = async (file, args, options) => {
+    const run = runTool(file, args, options);
+    if (basename(file) !== 'qemu-io') return run;
+    let settled = false;
+    void run.finally(() => (settled = true)).catch(() => undefined);
+    while (!settled) {
+      for (const pid of childrenRunning('qemu-io', spec.path)) {
+        process.kill(pid, 'SIGKILL');
+        kills += 1;
+      }
+      await sleep(2);
+    }
+    return run;
+  };
+  const killed = await domainRejection(createHostImageStore({ run: killingRun }).testKey(spec.path, spec, secret));
+  t.true(kills > 0, 'qemu-io was killed (the check ran long enough to be caught)');
+  t.is(killed.kind, 'unavailable');
+  t.regex(killed.message, /killed by a signal/);
+
+  // 2. The image held by a process that shares no consistent reads: qemu-img amend while it
+  // adds a keyslot (QEMU's LUKS driver takes the image for itself while it updates keys;
+  // a long iter-time keeps it there). Aborted below, before it writes anything.
+  const oldPass = luksPassphrase(secret);
+  const newPass = luksPassphrase(awkwardSecret());
+  const controller = new AbortController();
+  const holder = runTool(
+    'qemu-img',
+    [
+      'amend',
+      '--object', 'secret,id=s0,format=raw,file=/dev/fd/3',
+      '--object', 'secret,id=s1,format=raw,file=/dev/fd/4',
+      '--image-opts', `driver=luks,key-secret=s0,file.filename=${spec.path}`,
+      '-o', 'state=active,new-secret=s1,iter-time=60000',
+    ],
+    { fds: [oldPass, newPass], signal: controller.signal, killGraceMs: 1000 },
+  ).catch((err: unknown) => err);
+  try {
+    // Held once a plain read-only open (no key, no force-share) is refused.
+    const raw = `json:${JSON.stringify({ driver: 'raw', file: { driver: 'file', filename: spec.path } })}`;
+    let held = false;
+    for (const deadline = Date.now() + 20_000; !held && Date.now() < deadline; ) {
+      held = (await runTool('qemu-io', ['-r', '-c', 'quit', raw])).code === 1;
+      if (!held) await sleep(100);
+    }
+    t.true(held, 'qemu-img amend took the image within 20 s');
+    const busyWrong = await domainRejection(store.testKey(spec.path, spec, awkwardSecret()));
+    t.is(busyWrong.kind, 'unavailable', 'a wrong key while busy is no "wrong key" answer');
+    t.regex(busyWrong.hint ?? '', /try again/);
+    t.is((await domainRejection(store.testKey(spec.path, spec, secret))).kind, 'unavailable', 'nor is the right key "ok"');
+  } finally {
+    controller.abort();
+    await holder;
+    oldPass.fill(0);
+    newPass.fill(0);
+  }
+
+  // 3. Released: the right key opens it, a wrong one does not.
+  t.true(await store.testKey(spec.path, spec, secret));
+  t.false(await store.testKey(spec.path, spec, awkwardSecret()));
+});

@@ -614,13 +614,13 @@ libvirtTest(test, env, 'crash safety: kill -9 of the agent twice during a live b
     const domId = virsh(['domid', g.name]).stdout.trim();
     const id = await requestRotation(rig, g, '--reencrypt');
     // Kill point 1: the destination image exists (the block copy is being set up or runs).
-    t.log('kill 1 with files', await killPoint(g, id, 'destination created', (f) => f.some((n) => n.endsWith('.new'))));
+    t.log('kill 1 with files', await killPoint(g, id, 'destination created', (f) => f.some((n) => n.endsWith('.live-new'))));
     await rig.stopAgent('SIGKILL');
     t.log('after kill 1 the image opens with', await checkOpensWithStoredKey(t, rig, g, v1, 'kill 1'));
     t.is(domState(g.name), 'running');
     // Kill point 2, in the next attempt: the journal says "pivoting" (the copy is in sync).
     rig.startAgent();
-    const journal = (f: string[]) => f.find((n) => n.endsWith('.json'));
+    const journal = (f: string[]) => f.find((n) => n.endsWith('.live-journal'));
     const pivoting = (f: string[]) => {
       const j = journal(f);
       if (!j) return false;

@@ -65,6 +65,8 @@ test('FORMAT_TO_API maps every format to its API enum', (t) => {
       'qcow2-luks': VolumeFormat.VOLUME_FORMAT_QCOW2_LUKS,
       luks2: VolumeFormat.VOLUME_FORMAT_LUKS2,
       plain: VolumeFormat.VOLUME_FORMAT_PLAIN,
+      raw: VolumeFormat.VOLUME_FORMAT_RAW,
+      qcow2: VolumeFormat.VOLUME_FORMAT_QCOW2,
     },
   );
   t.is(KEY_PACKET_TYPE, 'virtkm.keypacket.v1');

@@ -378,7 +378,7 @@ test('a live rotation of a running guest: the job owns the disk and its secret u
   t.is(r0.guests[0]!.phase, GuestPhase.GUEST_PHASE_RUNNING);
   const xmlBefore = t.context.libvirt.domainXml.get(g.name)!;
 
-  const ordered: DesiredGuest = { ...g, volumes: [{ ...g.volumes[0]!, rotation: { rotationId: 'rot-1', kind: RotationKind.ROTATION_KIND_REENCRYPT, targetVersion: 2, targetPacket: sealedPacket(t, vid, 2, newKey) } }] };
+  const ordered: DesiredGuest = { ...g, volumes: [{ ...g.volumes[0]!, rotation: { rotationId: 'rot-1', kind: RotationKind.ROTATION_KIND_REENCRYPT, targetVersion: 2, targetPacket: sealedPacket(t, vid, 2, newKey), targetFormat: 0 } }] };
   const r1 = await reconcile(state(2n, [ordered]), t.context.deps);
   t.is(live.calls.length, 1, 'a running guest gets the live mechanism');
   t.true(live.calls[0]!.newKey.equals(newKey));
@@ -417,7 +417,7 @@ test('an offline rotation keeps a stopped guest stopped until it ends; a failure
   const g = guest(t, { secret: oldKey, run: false });
   const vid = g.volumes[0]!.volumeId;
   await reconcile(state(1n, [g]), t.context.deps);
-  const order = (id: string, v: number) => ({ rotationId: id, kind: RotationKind.ROTATION_KIND_REENCRYPT, targetVersion: v, targetPacket: sealedPacket(t, vid, v, randomBytes(32)) });
+  const order = (id: string, v: number) => ({ rotationId: id, kind: RotationKind.ROTATION_KIND_REENCRYPT, targetVersion: v, targetPacket: sealedPacket(t, vid, v, randomBytes(32)), targetFormat: 0 });
   const running: DesiredGuest = { ...g, run: true, volumes: [{ ...g.volumes[0]!, rotation: order('rot-2', 2) }] };
   const r1 = await reconcile(state(2n, [running]), t.context.deps);
   t.is(convert.calls.length, 1, 'a stopped guest gets the offline mechanism');

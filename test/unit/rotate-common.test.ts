@@ -7,7 +7,7 @@ import test from 'ava';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import {
   checkFreeSpace,
   checkRotationId,
@@ -20,6 +20,7 @@ import {
   sameSecret,
   saveHeaderBackup,
 } from '../../host-agent/src/rotate/common.js';
+import { legacyLiveCopyPaths, liveCopyJournalPath, liveCopyTempPath } from '../../host-agent/src/rotate/live-copy.js';
 import type { RotationProgress } from '../../host-agent/src/rotate/types.js';
 import { isDomainError } from '../../shared/src/errors.js';
 
@@ -146,5 +147,20 @@ test('header backup: saved owner-only, restored byte for byte, refused for anoth
     t.is(await readHeaderBackup(backup), undefined);
     t.is(await readHeaderBackup(join(dir, 'none')), undefined);
     return undefined;
+  });
+});
+
+test('leftovers never include the live copy\'s files (named by live-copy.ts with common prefix, removed by it alone)', async (t) => {
+  await withDir(async (dir) => {
+    const img = join(dir, 'vol.img');
+    const temp = liveCopyTempPath(img, 'r1');
+    const journal = liveCopyJournalPath(img, 'r1');
+    t.is(temp, join(dir, '.vol.img.virtkm-rot-r1.live-new'));
+    t.is(journal, join(dir, '.vol.img.virtkm-rot-r1.live-journal'));
+    for (const p of [temp, journal, `${journal}.tmp`, join(dir, `.${basename(temp)}.virtkm-tmp-0123456789ab`), join(dir, '.vol.img.virtkm-rot-r1.copy')]) await writeFile(p, 'x');
+    // An offline mechanism of the same rotation sweeps its leftovers: the live copy's
+    // destination (after a pivot: the guest's newest data) must survive that.
+    t.deepEqual(await rotationLeftovers(img, 'r1'), [join(dir, '.vol.img.virtkm-rot-r1.copy')]);
+    t.deepEqual(legacyLiveCopyPaths(img, 'r1'), { temp: join(dir, '.vol.img.rot-r1.new'), journal: join(dir, '.vol.img.rot-r1.json') });
   });
 });

@@ -287,3 +287,119 @@ test('the policy scan pages past volumes whose longer policy is not due yet', as
   for (const v of vols.slice(0, 5)) t.is(store.openRotationOfVolume(v.id), undefined);
   void manager;
 });
+
+// ---- encrypting and decrypting ------------------------------------------------------
+
+/** An unencrypted volume (no key version) used by guest g2 on host h1, materialized. */
+async function setupPlain(t: { context: Ctx }, format: 'raw' | 'qcow2', opts: { materialized?: boolean } = {}): Promise<VolumeRecord> {
+  const v: VolumeRecord = { id: `p-${format}`, name: `plain-${format}`, sizeBytes: 1n << 30n, format, cipher: 'aes-xts-plain64', keySizeBits: 512, sectorSize: 512, activeVersion: 0, createdAt: iso(T0) };
+  await t.context.store.write((tx) => {
+    tx.insertVolume(v);
+    tx.upsertGuest({ id: 'g2', name: 'guest2', domainXml: '<domain/>', hostId: 'h1', autostart: true, createdAt: iso(T0), updatedAt: iso(T0), generation: 1, volumeIds: [v.id], handoffFromHostId: null });
+    if (opts.materialized !== false) tx.markMaterialized([v.id], iso(T0));
+  });
+  return v;
+}
+
+const actions = (store: SqliteStore) => store.listAuditEvents({ pageSize: 1000, pageToken: '' }).items.map((e) => e.action);
+
+test('encrypt: v1 is pending while the host converts; done makes it active and the format luks in one step', async (t) => {
+  const { store, manager } = t.context;
+  const v = await setupPlain(t, 'raw');
+  const { rotations } = await manager.start({ volume: v.id }, 'encrypt', '', 'admin:alice');
+  const r = rotations[0]!;
+  t.is(r.state, 'running');
+  t.deepEqual([r.kind, r.fromVersion, r.toVersion], ['encrypt', 0, 1]);
+  t.deepEqual(store.getKeyVersions(v.id).map((k) => [k.version, k.state]), [[1, 'pending']]);
+  t.is(store.getVolume(v.id)!.format, 'raw', 'the format changes only when the host is done');
+  t.is(store.getVolume(v.id)!.activeVersion, 0);
+  const gen = store.getGuest('g2')!.generation;
+  await manager.onHostStatuses('h1', [status(r, 'done')]);
+  const after = store.getVolume(v.id)!;
+  t.deepEqual([after.format, after.activeVersion], ['luks', 1]);
+  t.deepEqual(store.getKeyVersions(v.id).map((k) => [k.version, k.state]), [[1, 'active']]);
+  t.is(store.getGuest('g2')!.generation, gen + 1, 'the guest is redefined with the secret');
+  t.is(store.getRotation(r.id)!.state, 'done');
+  const a = actions(store);
+  t.true(a.includes('volume.encrypt.request') && a.includes('volume.encrypt.start') && a.includes('volume.encrypt.done'));
+  t.false(a.some((x) => x.startsWith('key.rotate.')), 'audited under its own actions');
+});
+
+test('decrypt: no new version; done makes the volume qcow2 and retires the key (at once for compromise)', async (t) => {
+  const { store, manager } = t.context;
+  const [v] = await setup(t, 1);
+  const { rotations } = await manager.start({ volume: v!.id }, 'decrypt', 'compromise', 'admin:alice');
+  const r = rotations[0]!;
+  t.deepEqual([r.state, r.kind, r.fromVersion, r.toVersion], ['running', 'decrypt', 1, 0]);
+  t.deepEqual(store.getKeyVersions(v!.id).map((k) => [k.version, k.state]), [[1, 'active']], 'no pending version');
+  await manager.onHostStatuses('h1', [status(r, 'done')]);
+  const after = store.getVolume(v!.id)!;
+  t.deepEqual([after.format, after.activeVersion], ['qcow2', 0]);
+  const kv = store.getKeyVersions(v!.id);
+  t.is(kv[0]!.state, 'destroyed', 'compromise: the key is destroyed as soon as the image is decrypted');
+  t.is(kv[0]!.sealed, null);
+  t.true(actions(store).includes('volume.decrypt.done'));
+  t.is(store.getActiveKey(v!.id), undefined, 'nothing to release any more');
+});
+
+test('decrypt with a normal reason keeps the retired key for the grace period; a failed decrypt changes nothing', async (t) => {
+  const { store, manager } = t.context;
+  const vols = await setup(t, 2);
+  const ok = (await manager.start({ volume: vols[0]!.id }, 'decrypt', '', 'admin:alice')).rotations[0]!;
+  const bad = (await manager.start({ volume: vols[1]!.id }, 'decrypt', '', 'admin:alice')).rotations[0]!;
+  await manager.onHostStatuses('h1', [status(ok, 'done'), status(bad, 'failed', { reason: 'disk full' })]);
+  const k0 = store.getKeyVersions(vols[0]!.id)[0]!;
+  t.deepEqual([k0.state, k0.destroyAfter], ['retired', iso(T0 + 3600_000)]);
+  t.not(k0.sealed, null);
+  t.is(store.getRotation(bad.id)!.state, 'failed');
+  t.deepEqual([store.getVolume(vols[1]!.id)!.format, store.getVolume(vols[1]!.id)!.activeVersion], ['qcow2-luks', 1]);
+  t.deepEqual(store.getKeyVersions(vols[1]!.id).map((k) => [k.version, k.state]), [[1, 'active']]);
+  t.true(actions(store).includes('volume.decrypt.fail'));
+});
+
+test('encrypt and decrypt refuse what does not fit, and change nothing', async (t) => {
+  const { store, manager } = t.context;
+  const [enc] = await setup(t, 1);
+  const plain = await setupPlain(t, 'qcow2');
+  const before = actions(store).length;
+  const refused = async (p: Promise<unknown>, kind: DomainError['kind'], re: RegExp) => {
+    const e = await t.throwsAsync(p, { instanceOf: DomainError });
+    t.is(e?.kind, kind);
+    t.regex(e?.message ?? '', re);
+  };
+  await refused(manager.start({ volume: enc!.id }, 'encrypt', '', 'admin:a'), 'failed_precondition', /already encrypted/);
+  await refused(manager.start({ volume: plain.id }, 'decrypt', '', 'admin:a'), 'failed_precondition', /not encrypted/);
+  await refused(manager.start({ volume: plain.id }, 'rekey', '', 'admin:a'), 'failed_precondition', /not encrypted/);
+  await refused(manager.start({ guest: 'g' }, 'encrypt', '', 'admin:a'), 'invalid_argument', /single volume/);
+  // A luks2 volume cannot be decrypted here (cryptsetup could, but not in this step).
+  await store.write((tx) => {
+    tx.insertVolume({ id: 'l2', name: 'vol-luks2', sizeBytes: 1n << 30n, format: 'luks2', cipher: 'aes-xts-plain64', keySizeBits: 512, sectorSize: 512, activeVersion: 1, createdAt: iso(T0) });
+    tx.insertKeyVersion({ volumeId: 'l2', version: 1, state: 'active', sealed: sealWith(t.context.master, new Uint8Array(32), 'l2', 1), createdAt: iso(T0) });
+  });
+  await refused(manager.start({ volume: 'l2' }, 'decrypt', '', 'admin:a'), 'failed_precondition', /luks2 volume cannot be decrypted/);
+  t.is(store.listRotations({ pageSize: 100, pageToken: '' }).items.length, 0, 'no rotation recorded');
+  t.is(actions(store).length, before, 'nothing audited: no request was accepted');
+  // A group rotation skips the unencrypted volume instead of failing.
+  const all = await manager.start({ all: true }, 'rekey', '', 'admin:a');
+  t.false(all.rotations.some((r) => r.volumeId === plain.id));
+  t.true(all.rotations.some((r) => r.volumeId === enc!.id));
+});
+
+test('an unencrypted volume never created anywhere is encrypted at once; policies ignore unencrypted volumes', async (t) => {
+  const { store, manager, clock } = t.context;
+  const v = await setupPlain(t, 'raw', { materialized: false });
+  const r = (await manager.start({ volume: v.id }, 'encrypt', '', 'admin:a')).rotations[0]!;
+  t.is(r.state, 'done');
+  t.deepEqual([store.getVolume(v.id)!.format, store.getVolume(v.id)!.activeVersion], ['luks', 1]);
+  // Decrypt it again (no image yet either), then age every key: nothing is scheduled for it.
+  const d = (await manager.start({ volume: v.id }, 'decrypt', '', 'admin:a')).rotations[0]!;
+  t.is(d.state, 'done');
+  t.deepEqual([store.getVolume(v.id)!.format, store.getVolume(v.id)!.activeVersion], ['raw', 0]);
+  await store.write((tx) => tx.upsertPolicy({ scope: 'global', targetId: '', maxKeyAgeSeconds: 60, kind: 'rekey', reencryptAfterMoveSeconds: 0, updatedAt: iso(T0) }));
+  clock.t = T0 + 3600_000;
+  await manager.tick();
+  t.is(store.openRotationOfVolume(v.id), undefined, 'no key, nothing to rotate');
+  // Encrypting again uses the next unused version number (versions are never reused).
+  const again = (await manager.start({ volume: v.id }, 'encrypt', '', 'admin:a')).rotations[0]!;
+  t.is(again.toVersion, 2);
+});

@@ -18,10 +18,11 @@ import { loadHostKey } from '../enroll/host-key.js';
 import { createDmCryptMapper, createHostImageStore, removeStaleTemporaries } from '../images/index.js';
 import { createLibvirtFfi } from '../libvirt/libvirt-ffi.js';
 import { startAgentDaemon, type AgentDaemon } from './daemon.js';
-import { rotationStatusOf } from '../reconcile/reconciler.js';
+import { mappingName, rotationStatusOf } from '../reconcile/reconciler.js';
 import { createRotationDriver, type RotationDriver } from '../rotate/driver.js';
 import { createLiveCopy } from '../rotate/live-copy.js';
 import { createLuks2Reencrypt } from '../rotate/luks2-reencrypt.js';
+import { createLuks2OnlineReencrypt } from '../rotate/luks2-online.js';
 import { createLuks2Rekey } from '../rotate/luks2-rekey.js';
 import { createPlainReencrypt } from '../rotate/plain-reencrypt.js';
 import { createQemuConvert } from '../rotate/qemu-convert.js';
@@ -81,6 +82,7 @@ export async function runAgentCommand(o: AgentRunOptions): Promise<void> {
       qemuConvert: createQemuConvert({ store: images, logger: rotationLog }),
       luks2Rekey: createLuks2Rekey({ images, logger: rotationLog }),
       luks2Reencrypt: createLuks2Reencrypt({ images, logger: rotationLog }),
+      luks2Online: createLuks2OnlineReencrypt({ images, mapper: dmcrypt, mappingName: (job) => mappingName(job.volumeId), logger: rotationLog }),
       plainReencrypt: createPlainReencrypt({ mapper: dmcrypt, logger: rotationLog }),
       liveCopy: createLiveCopy({
         libvirt,

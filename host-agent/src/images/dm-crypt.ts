@@ -108,7 +108,9 @@ export function createDmCryptMapper(options: DmCryptMapperOptions = {}): DmCrypt
       if (!entry.startsWith('dm-')) continue;
       const name = await readText(join(sysBlock, entry, 'dm', 'name'));
       const uuid = await readText(join(sysBlock, entry, 'dm', 'uuid'));
-      if (name !== undefined && uuid?.startsWith('CRYPT-')) out.set(name, entry);
+      // Not cryptsetup's helper devices (CRYPT-SUBDEV-..., e.g. NAME-overlay and
+      // NAME-hotzone-forward of an online LUKS2 re-encryption): they are no mappings of ours.
+      if (name !== undefined && uuid?.startsWith('CRYPT-') && !uuid.startsWith('CRYPT-SUBDEV-')) out.set(name, entry);
     }
     return out;
   }

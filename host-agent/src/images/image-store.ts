@@ -1,7 +1,8 @@
 /**
  * The real ImageStore: qemu-img and qemu-io for QEMU's formats (luks = raw LUKS1 image,
  * qcow2-luks = qcow2 with an embedded LUKS header), cryptsetup for luks2, plain files for
- * plain dm-crypt. Secrets reach the tools only on stdin or fd 3 (see passphrase.ts for the
+ * plain dm-crypt, and qemu-img for the unencrypted raw and qcow2 volumes (no key: they
+ * are created and checked without one). Secrets reach the tools only on stdin or fd 3 (see passphrase.ts for the
  * bytes they get); every tool runs through runTool.
  *
  * Key stretching is light on purpose: a volume secret is 256 random bits, not a password,
@@ -41,7 +42,7 @@ import {
 import { checkPlainKey, luksPassphrase } from './passphrase.js';
 import { checkImagePath, checkImageSpec, qemuCipherOptions } from './spec.js';
 import { parseLuks2Metadata, parseQemuImgInfo } from './tool-json.js';
-import { KIND_OF_FORMAT, type ImageInfo, type ImageSpec, type ImageStore } from './types.js';
+import { isUnencryptedImageFormat, KIND_OF_FORMAT, type ImageInfo, type ImageSpec, type ImageStore } from './types.js';
 
 /** Options of createHostImageStore, with their defaults. */
 export interface HostImageStoreOptions {
@@ -150,7 +151,8 @@ export function createHostImageStore(options: HostImageStoreOptions = {}): Image
   async function create(spec: ImageSpec, secret: Uint8Array): Promise<void> {
     checkImageSpec(spec);
     if (spec.format === 'plain') checkPlainKey(secret, spec.keySizeBits);
-    const passphrase = spec.format === 'plain' ? undefined : luksPassphrase(secret);
+    const unencrypted = isUnencryptedImageFormat(spec.format);
+    const passphrase = spec.format === 'plain' || unencrypted ? undefined : luksPassphrase(secret);
     try {
       if (await pathExists(spec.path)) throw errors.alreadyExists('image', { hint: 'virtkm never overwrites an image; delete it first if it is not needed' });
       const temporary = temporaryPathFor(spec.path);
@@ -171,6 +173,11 @@ export function createHostImageStore(options: HostImageStoreOptions = {}): Image
         }
         if (spec.format === 'luks' || spec.format === 'qcow2-luks') await qemuCreate(spec, temporary, passphrase ?? new Uint8Array(0));
         if (spec.format === 'luks2') await luks2Format(spec, temporary, passphrase ?? new Uint8Array(0));
+        if (unencrypted) {
+          // Into the owner-only temporary file; qemu-img keeps an existing file's mode.
+          const r = await run(qemuImg, ['create', '-q', '-f', spec.format, temporary, spec.sizeBytes.toString()], { timeoutMs });
+          if (r.code !== 0) throw toolError('qemu-img', r, QEMU_EXIT_KINDS);
+        }
         // Whatever the tools did to the file: owner-only (libvirt gives QEMU access itself).
         await chmod(temporary, 0o600);
         await fsyncFile(temporary);
@@ -289,6 +296,11 @@ export function createHostImageStore(options: HostImageStoreOptions = {}): Image
     return info;
   }
 
+  /** A tool killed by a signal (OOM killer, an operator) gave no answer: unavailable, worth asking again. */
+  function noAnswer(tool: string, r: ToolResult): DomainError | undefined {
+    return r.code > 128 ? new DomainError('unavailable', `${tool} was killed by a signal`, { hint: 'try again', cause: toolError(tool, r) }) : undefined;
+  }
+
   async function testKey(path: string, spec: ImageSpec, secret: Uint8Array): Promise<boolean> {
     checkImagePath(path);
     checkImageSpec({ ...spec, path });
@@ -300,6 +312,8 @@ export function createHostImageStore(options: HostImageStoreOptions = {}): Image
     if (!info.exists) throw errors.notFound('image');
     if (info.kind !== expected) throw errors.precondition(`the image is ${info.kind}, not ${expected}`);
     if (info.damaged) throw errors.precondition('the image header is damaged');
+    // No key to check: an unencrypted image of the right kind that QEMU reads is "open".
+    if (isUnencryptedImageFormat(spec.format)) return true;
     const passphrase = luksPassphrase(secret);
     try {
       if (spec.format === 'luks2') {
@@ -307,21 +321,21 @@ export function createHostImageStore(options: HostImageStoreOptions = {}): Image
         if (r.code === 0) return true;
         // Exit 2 is documented as "no permission (bad passphrase)".
         if (r.code === 2) return false;
-        throw toolError('cryptsetup', r, CRYPTSETUP_EXIT_KINDS);
+        throw noAnswer('cryptsetup', r) ?? toolError('cryptsetup', r, CRYPTSETUP_EXIT_KINDS);
       }
       // Opening (read-only, sharing any lock a running guest holds) unlocks a keyslot;
       // qemu-img info would not: it opens without I/O and never checks the key.
       const r = await run(qemuIo, ['-r', '-U', '--object', SECRET_OBJECT, qemuNode(spec.format, path, true), '-c', 'quit'], { fds: [passphrase], timeoutMs });
       if (r.code === 0) return true;
       // Only qemu-io's error exit can mean "wrong key": killed by a signal is no answer.
-      if (r.code !== 1) throw toolError('qemu-io', r, QEMU_EXIT_KINDS);
+      if (r.code !== 1) throw noAnswer('qemu-io', r) ?? toolError('qemu-io', r, QEMU_EXIT_KINDS);
       // -U shares only what we share: a process that does not share consistent reads (a
       // qemu-img amend changing keyslots, a convert target) also makes the open fail. A
       // keyless read-only open of the plain file without -U fails exactly then (a running
       // guest shares reads): the image is busy, which is not "wrong key".
       const reader = await run(qemuIo, ['-r', '-c', 'quit', `json:${JSON.stringify({ driver: 'raw', file: { driver: 'file', filename: path } })}`], { timeoutMs });
       if (reader.code === 1) throw new DomainError('unavailable', 'another process is changing the image', { hint: 'a key change or copy may still be running; try again' });
-      if (reader.code !== 0) throw toolError('qemu-io', reader, QEMU_EXIT_KINDS);
+      if (reader.code !== 0) throw noAnswer('qemu-io', reader) ?? toolError('qemu-io', reader, QEMU_EXIT_KINDS);
       // qemu-io says only "exit 1". Tell a wrong key from other failures without reading
       // its message: the same image without a key (header and keyslot table only) must
       // open. If it does, the one difference, the key, is what failed.

@@ -25,7 +25,7 @@ export interface QemuCipherOptions {
 }
 
 const CIPHER_RE = /^(aes|serpent|twofish)-xts-plain64$/;
-const FORMATS: readonly ImageFormat[] = ['luks', 'qcow2-luks', 'luks2', 'plain'];
+const FORMATS: readonly ImageFormat[] = ['luks', 'qcow2-luks', 'luks2', 'plain', 'raw', 'qcow2'];
 
 /** Parses a dm-crypt cipher spec such as aes-xts-plain64. */
 export function parseCipher(cipher: string): ParsedCipher {

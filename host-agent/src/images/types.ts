@@ -4,8 +4,8 @@
  * adapters are image-store.ts (qemu-img, qemu-io, cryptsetup) and dm-crypt.ts.
  */
 
-/** How a volume is encrypted on disk. */
-export type ImageFormat = 'luks' | 'qcow2-luks' | 'luks2' | 'plain';
+/** How a volume is encrypted on disk; raw and qcow2 are unencrypted (no key). */
+export type ImageFormat = 'luks' | 'qcow2-luks' | 'luks2' | 'plain' | 'raw' | 'qcow2';
 
 /** What inspect finds at a path. */
 export type ImageKind = 'luks1' | 'luks2' | 'qcow2-luks' | 'qcow2' | 'raw' | 'missing';
@@ -55,7 +55,9 @@ export interface ImageStore {
   inspect(path: string): Promise<ImageInfo>;
   /**
    * True when the secret opens the image, false when it is the wrong key; any other
-   * failure (missing image, wrong kind, damaged header, tool failure) throws.
+   * failure (missing image, wrong kind, damaged header, tool failure) throws. For the
+   * unencrypted formats (raw, qcow2) the secret is ignored (pass an empty one): true when
+   * the image is of that kind and readable.
    */
   testKey(path: string, spec: ImageSpec, secret: Uint8Array): Promise<boolean>;
   /** Deletes the image file; nothing to do when it does not exist. */
@@ -86,4 +88,11 @@ export const KIND_OF_FORMAT: Readonly<Record<ImageFormat, ImageKind>> = Object.f
   'qcow2-luks': 'qcow2-luks',
   luks2: 'luks2',
   plain: 'raw',
+  raw: 'raw',
+  qcow2: 'qcow2',
 });
+
+/** True for the unencrypted formats (no key, no libvirt secret, no dm-crypt). */
+export function isUnencryptedImageFormat(f: ImageFormat): f is 'raw' | 'qcow2' {
+  return f === 'raw' || f === 'qcow2';
+}

@@ -4,6 +4,13 @@
  * that does not open with its key, or is not of the expected kind, is reported and never
  * attached, reformatted or treated as raw. Removes only what virtkm created (domains with
  * its metadata marker, secrets whose usage is `virtkm:<volume>`).
+ *
+ * Unencrypted volumes (raw, qcow2) have no key: no packet, nothing cached, no libvirt
+ * secret; their image is checked for its kind only. An encrypt or decrypt order changes a
+ * volume's format: until the host reports it done the desired volume keeps the old format
+ * and key version; once the job is done the pass uses the order's target format and
+ * version (0 after a decryption), and the cache keeps both sides' keys until the server
+ * confirms.
  */
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
@@ -14,6 +21,7 @@ import {
   RotationPhase,
   type RotationStatus,
   type SealedKeyPacket,
+  VolumeFormat,
   VolumePhase,
   DesiredState,
   type DesiredGuest,
@@ -24,15 +32,16 @@ import {
 } from '../../../shared/src/api.js';
 import { openSealed, type BoxKeyPair } from '../../../shared/src/box.js';
 import { formatFromApiValue } from '../../../shared/src/formats.js';
-import { isDomainError } from '../../../shared/src/errors.js';
+import { errors, isDomainError } from '../../../shared/src/errors.js';
 import { describeError, type Logger } from '../../../shared/src/log.js';
 import { ownedCopy, wipe } from '../../../shared/src/secret-bytes.js';
 import type { CachedKey, KeyCache } from '../cache/key-cache.js';
 import { luksPassphrase } from '../images/passphrase.js';
+import { isUnencryptedImageFormat } from '../images/types.js';
 import type { DomainInfo, Libvirt } from '../libvirt/ports.js';
 import { expectedKind, type AgentVolumeFormat, type DmCryptPort, type ImagePort, type ImageSpec, type KeyringPort } from './ports.js';
 import { diskTargetOf, renderDomainXml, secretUuidFor, type HostVolume } from './render-domain.js';
-import type { JobStatus, RotationDriver } from '../rotate/driver.js';
+import type { JobStatus, OrderContext, RotationDriver } from '../rotate/driver.js';
 
 /** What the reconciler works with. */
 export interface ReconcilerDeps {
@@ -76,8 +85,29 @@ function specOf(dv: DesiredVolume, format: AgentVolumeFormat, imageDir: string):
   };
 }
 
+/** The agent's name of an order's kind. */
+function orderKind(k: RotationKind): OrderContext['kind'] {
+  switch (k) {
+    case RotationKind.ROTATION_KIND_REKEY:
+      return 'rekey';
+    case RotationKind.ROTATION_KIND_ENCRYPT:
+      return 'encrypt';
+    case RotationKind.ROTATION_KIND_DECRYPT:
+      return 'decrypt';
+    default:
+      return 'reencrypt';
+  }
+}
+
+/** The format a volume's image has once its order is carried out (unspecified: unchanged). */
+function targetFormatOf(dv: DesiredVolume): AgentVolumeFormat | undefined {
+  const order = dv.rotation;
+  if (order && order.targetFormat !== VolumeFormat.VOLUME_FORMAT_UNSPECIFIED) return formatFromApiValue(order.targetFormat);
+  return formatFromApiValue(dv.format);
+}
+
 /** Starts (or looks up) the jobs of the rotation orders in `desired`. */
-async function planRotations(desired: DesiredState, packets: Map<string, Uint8Array>, deps: ReconcilerDeps, domains: DomainInfo[], offline: boolean): Promise<Map<string, RotationPlan>> {
+async function planRotations(desired: DesiredState, packets: Map<string, Uint8Array>, deps: ReconcilerDeps, domains: DomainInfo[], offline: boolean, mapped: ReadonlySet<string>): Promise<Map<string, RotationPlan>> {
   const plans = new Map<string, RotationPlan>();
   const driver = deps.rotations;
   for (const g of desired.guests) {
@@ -96,21 +126,35 @@ async function planRotations(desired: DesiredState, packets: Map<string, Uint8Ar
       }
       if (!status || status.phase === 'waiting') {
         const format = formatFromApiValue(dv.format);
-        const oldKey = packets.get(`${dv.volumeId}:${dv.keyVersion}`) ?? deps.cache.get(dv.volumeId, dv.keyVersion);
-        const newKey = packets.get(`${dv.volumeId}:${order.targetVersion}`) ?? deps.cache.get(dv.volumeId, order.targetVersion);
-        if (!format) status = driver.wait(order.rotationId, dv.volumeId, order.targetVersion, 'unknown volume format');
-        else if (!oldKey || !newKey) status = driver.wait(order.rotationId, dv.volumeId, order.targetVersion, `no key for version ${!oldKey ? dv.keyVersion : order.targetVersion} yet`);
+        const targetFormat = targetFormatOf(dv);
+        // An unencrypted side (encrypting from, decrypting to) has no key.
+        const oldNeeded = format !== undefined && !isUnencryptedImageFormat(format);
+        const newNeeded = targetFormat !== undefined && !isUnencryptedImageFormat(targetFormat);
+        const oldKey = oldNeeded ? (packets.get(`${dv.volumeId}:${dv.keyVersion}`) ?? deps.cache.get(dv.volumeId, dv.keyVersion)) : undefined;
+        const newKey = newNeeded ? (packets.get(`${dv.volumeId}:${order.targetVersion}`) ?? deps.cache.get(dv.volumeId, order.targetVersion)) : undefined;
+        if (!format || !targetFormat) status = driver.wait(order.rotationId, dv.volumeId, order.targetVersion, 'unknown volume format');
+        else if ((oldNeeded && !oldKey) || (newNeeded && !newKey)) status = driver.wait(order.rotationId, dv.volumeId, order.targetVersion, `no key for version ${oldNeeded && !oldKey ? dv.keyVersion : order.targetVersion} yet`);
         else {
           const dom = domains.find((d) => d.marker?.guestId === g.guestId);
           const running = dom?.state === 'running' || dom?.state === 'paused';
+          if (!running && mapped.has(mappingName(dv.volumeId))) {
+            // A stopped guest whose mapping is still open (it shut down by itself, or
+            // closing the mapping failed): an offline job would rewrite the image under a live
+            // dm-crypt mapping. This pass keeps the guest stopped and closes the mapping at
+            // its end (mode busy, offline); the job starts on a later pass.
+            plans.set(dv.volumeId, { order, status: waiting("the volume's dm-crypt mapping is still open: closing it first"), mode: 'busy' });
+            continue;
+          }
           const diskTarget = running ? await diskTargetOf(g.domainXml, dv.volumeId, dv.name) : undefined;
           status = driver.ensure({
             rotationId: order.rotationId,
             volumeId: dv.volumeId,
-            kind: order.kind === RotationKind.ROTATION_KIND_REKEY ? 'rekey' : 'reencrypt',
+            kind: orderKind(order.kind),
             fromVersion: dv.keyVersion,
             targetVersion: order.targetVersion,
-            spec: specOf(dv, format, deps.imageDir),
+            // Same path before and after: the formats of a conversion share a file name.
+            spec: specOf(dv, targetFormat, deps.imageDir),
+            fromFormat: format,
             oldKey,
             newKey,
             guestRunning: running,
@@ -153,7 +197,9 @@ const sha256 = (s: string) => createHash('sha256').update(s).digest();
 
 /** The image path of a volume on this host. */
 export function imagePath(imageDir: string, volumeId: string, format: AgentVolumeFormat): string {
-  return join(imageDir, `${volumeId}.${format === 'qcow2-luks' ? 'qcow2' : 'img'}`);
+  // qcow2 and qcow2-luks share a name, and so do raw and luks: encrypting or decrypting
+  // converts an image in place.
+  return join(imageDir, `${volumeId}.${format === 'qcow2-luks' || format === 'qcow2' ? 'qcow2' : 'img'}`);
 }
 
 /** Name of a volume's dm-crypt mapping. */
@@ -223,7 +269,9 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
   // host enrolled twice) and its domains and secrets are not ours to touch.
   const domainList = (await libvirt.domains.list()).filter((d) => d.marker === undefined || d.marker.hostId === deps.hostId);
 
-  const plans = await planRotations(desired, packets, deps, domainList, offline);
+  // Open mappings before any job starts: none may start over a stopped guest's open mapping.
+  const mapped = new Set(dmReason ? [] : await dmcrypt.list());
+  const plans = await planRotations(desired, packets, deps, domainList, offline, mapped);
 
   try {
     // Secrets first, for every volume whose key is here: libvirt holds what guests need
@@ -232,8 +280,8 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
     const secretsSet = new Set<string>();
     for (const g of desired.guests) {
       for (const dv of g.volumes) {
-        const format = formatFromApiValue(dv.format);
         const plan = plans.get(dv.volumeId);
+        const format = plan?.mode === 'done' ? targetFormatOf(dv) : formatFromApiValue(dv.format);
         // A running rotation owns the volume's secret.
         if (plan?.mode === 'busy') continue;
         const version = plan?.mode === 'done' ? plan.order.targetVersion : dv.keyVersion;
@@ -258,8 +306,9 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
       // Whether what blocks the guest is a failure (fail closed) or only a missing key.
       let fatal = false;
       for (const dv of g.volumes) {
-        const format = formatFromApiValue(dv.format);
         const plan = plans.get(dv.volumeId);
+        // A finished encrypt/decrypt job: the image has the order's format now.
+        const format = plan?.mode === 'done' ? targetFormatOf(dv) : formatFromApiValue(dv.format);
         const version = plan?.mode === 'done' ? plan.order.targetVersion : dv.keyVersion;
         if (plan?.mode === 'done') redefine = true;
         const status: VolumeStatus = { volumeId: dv.volumeId, keyVersion: version, phase: VolumePhase.VOLUME_PHASE_PENDING, reason: '', created: false };
@@ -273,7 +322,8 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           fatal = true;
           continue;
         }
-        if (!secret) {
+        const unencrypted = isUnencryptedImageFormat(format);
+        if (!secret && !unencrypted) {
           status.reason = 'no key yet';
           blocked ||= `volume ${dv.name}: no key yet`;
           continue;
@@ -284,18 +334,25 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           else keep.push((k = { volumeId: dv.volumeId, keyVersion: v, guestIds: [g.guestId], secret: ownedCopy(key) }));
           return k;
         };
-        const kept = keepKey(version, secret);
+        // An unencrypted image has no key to keep (nothing cached, so nothing to wipe).
+        const kept: Pick<CachedKey, 'verifiedHeader'> = secret && !unencrypted ? keepKey(version, secret) : {};
         if (plan) {
-          // Both versions stay in the cache until the server confirms the rotation.
+          // Both versions stay in the cache until the server confirms the rotation (an
+          // encryption's or decryption's keyless side is version 0: nothing to keep).
           const other = version === dv.keyVersion ? plan.order.targetVersion : dv.keyVersion;
-          const otherKey = packets.get(`${dv.volumeId}:${other}`) ?? cache.get(dv.volumeId, other);
+          const otherKey = other > 0 ? (packets.get(`${dv.volumeId}:${other}`) ?? cache.get(dv.volumeId, other)) : undefined;
           if (otherKey) keepKey(other, otherKey);
         }
         if (plan?.mode === 'busy') {
           status.phase = VolumePhase.VOLUME_PHASE_READY;
           status.reason = `key rotation: ${plan.status.step || 'starting'}`;
           if (plan.status.offline || offline) blocked ||= `volume ${dv.name}: key rotation in progress (${plan.status.reason || plan.status.step || 'starting'})`;
-          else hold = true;
+          // A job that runs with the guest (live copy, online LUKS2 re-encryption) keeps
+          // the volume's mapping open: cryptsetup re-encrypts through it.
+          else {
+            hold = true;
+            neededMappings.add(mappingName(dv.volumeId));
+          }
           continue;
         }
         const spec = specOf(dv, format, deps.imageDir);
@@ -309,7 +366,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
               fatal = true;
               continue;
             }
-            await images.create(spec, secret);
+            await images.create(spec, unencrypted ? new Uint8Array(0) : (secret as Uint8Array));
             status.created = true;
             const made = (await images.inspect(spec.path)).uuid;
             if (made) kept.verifiedHeader = made;
@@ -321,9 +378,12 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
             blocked ||= `volume ${dv.name}: ${status.reason}`;
             fatal = true;
             continue;
+          } else if (unencrypted) {
+            // No key to check: the kind matched; the image store refuses a damaged one.
+            if (info.damaged) throw errors.precondition('the image header is damaged');
           } else if (format !== 'plain') {
             const known = info.uuid !== undefined && cache.verifiedHeader(dv.volumeId, version) === info.uuid;
-            if (!known && !(await images.testKey(spec.path, spec, secret))) {
+            if (!known && !(await images.testKey(spec.path, spec, secret as Uint8Array))) {
               status.phase = VolumePhase.VOLUME_PHASE_WRONG_KEY;
               status.reason = 'the key does not open the image';
               blocked ||= `volume ${dv.name}: wrong key`;
@@ -335,8 +395,10 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
           let path = spec.path;
           const secretUuid = secretUuidFor(dv.volumeId, version, sha256);
           if (format === 'luks' || format === 'qcow2-luks') {
-            if (!secretsSet.has(secretUuid)) await defineSecret(libvirt, deps.hostId, secretUuid, dv.volumeId, dv.name, version, secret);
+            if (!secretsSet.has(secretUuid)) await defineSecret(libvirt, deps.hostId, secretUuid, dv.volumeId, dv.name, version, secret as Uint8Array);
             neededSecrets.add(secretUuid);
+          } else if (unencrypted) {
+            // QEMU opens the file itself; no secret, no mapping.
           } else if (dmReason) {
             status.phase = VolumePhase.VOLUME_PHASE_FAILED;
             status.reason = `dm-crypt unavailable: ${dmReason}`;
@@ -344,8 +406,8 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
             fatal = true;
             continue;
           } else if (offline ? g.autostart && g.run : g.run) {
-            const keyRef = deps.keyring?.load(dv.volumeId, version, secret);
-            path = await dmcrypt.open(spec, mappingName(dv.volumeId), secret, keyRef);
+            const keyRef = deps.keyring?.load(dv.volumeId, version, secret as Uint8Array);
+            path = await dmcrypt.open(spec, mappingName(dv.volumeId), secret as Uint8Array, keyRef);
             neededMappings.add(mappingName(dv.volumeId));
             if (keyRef) neededKeys.add(keyRef);
           } else {

@@ -2,7 +2,8 @@
  * Turns a guest's stored domain XML into what this host defines in libvirt: managed disks
  * (`<disk type='volume'><source pool='virtkm' volume='…'/>`) become the host's image file
  * with `<encryption format='luks'>` naming the volume's libvirt secret (luks, qcow2-luks),
- * or the opened dm-crypt device (luks2, plain); a metadata marker names the guest and its
+ * or the opened dm-crypt device (luks2, plain), or the plain image file without any
+ * <encryption> (the unencrypted raw and qcow2 volumes); a metadata marker names the guest and its
  * generation so the agent recognises domains it created. Pure: no I/O.
  */
 import { Builder, Parser } from 'xml2js';
@@ -15,10 +16,10 @@ export const MARKER_NS = 'urn:virtkm:1';
 export interface HostVolume {
   volumeId: string;
   name: string;
-  format: 'luks' | 'qcow2-luks' | 'luks2' | 'plain';
-  /** Image file (luks, qcow2-luks) or block device (luks2, plain: the dm-crypt mapping). */
+  format: 'luks' | 'qcow2-luks' | 'luks2' | 'plain' | 'raw' | 'qcow2';
+  /** Image file (luks, qcow2-luks, raw, qcow2) or block device (luks2, plain: the dm-crypt mapping). */
   path: string;
-  /** libvirt secret UUID (luks, qcow2-luks). */
+  /** libvirt secret UUID (luks, qcow2-luks); unused for the other formats. */
   secretUuid: string;
 }
 
@@ -56,6 +57,12 @@ export async function renderDomainXml(opts: { xml: string; guestId: string; host
         disk['driver'] = [{ $: { ...driverAttrs, type: v.format === 'luks' ? 'raw' : 'qcow2' } }];
         disk['source'] = [{ $: { file: v.path } }];
         disk['encryption'] = [{ $: { format: 'luks' }, secret: [{ $: { type: 'passphrase', uuid: v.secretUuid } }] }];
+      } else if (v.format === 'raw' || v.format === 'qcow2') {
+        // Unencrypted: the image file as it is, and no secret (whatever the stored XML said).
+        disk.$ = { ...disk.$, type: 'file' };
+        disk['driver'] = [{ $: { ...driverAttrs, type: v.format } }];
+        disk['source'] = [{ $: { file: v.path } }];
+        delete disk['encryption'];
       } else {
         // dm-crypt: the host opened the mapping; QEMU sees plaintext blocks.
         disk.$ = { ...disk.$, type: 'block' };

@@ -8,12 +8,19 @@
  *                     lock, so qemu-img amend cannot run; a new data key is stronger anyway);
  *                     guest stopped: rekey = qemu-img amend, reencrypt = qemu-img convert.
  *   luks2             rekey = cryptsetup luksAddKey + luksKillSlot (works while mapped);
- *                     reencrypt = cryptsetup reencrypt, guest stopped (online re-encryption
- *                     of an open mapping is not done yet: the order waits).
+ *                     reencrypt = cryptsetup reencrypt: guest stopped, offline on the image
+ *                     file; guest running, online on its open mapping (luks2-online.ts;
+ *                     without that mechanism, e.g. no device-mapper, the order waits).
  *   plain             reencrypt through two dm-crypt mappings; rekey is refused (no keyslots).
+ *   encrypt, decrypt  raw <-> luks, qcow2 <-> qcow2-luks: qemu-img convert with the guest
+ *                     stopped, live blockcopy while it runs (the same mechanisms, one side
+ *                     without a key); other formats are refused.
  *
  * Every mechanism is idempotent and resumes after a crash (types.ts), so the driver keeps
- * no journal of its own: after a restart the same order simply runs again. A job that
+ * no journal of its own: after a restart the same order simply runs again. One exception
+ * to the choice above: when a live copy of the order left its journal, the live copy runs
+ * again even if the guest stopped meanwhile (it finishes a pivoted copy offline, or rolls
+ * back), because after a pivot the image at the canonical path is stale. A job that
  * fails is retried on later passes (a tool can fail for passing reasons); after
  * MAX_ATTEMPTS, or at once for a lack of disk space, it is reported failed, but only once
  * the image was checked to open with the old key (if it opens with the new one only, the
@@ -25,7 +32,9 @@
 import { describeError, type Logger } from '../../../shared/src/log.js';
 import { isDomainError } from '../../../shared/src/errors.js';
 import { ownedCopy, wipe } from '../../../shared/src/secret-bytes.js';
+import { existsSync } from 'node:fs';
 import type { ImageSpec } from '../images/types.js';
+import { legacyLiveCopyPaths, liveCopyJournalPath } from './live-copy.js';
 import type { RotationKind, RotationMechanism, RotationProgress } from './types.js';
 
 /** After this many failed runs of one order, it is reported failed. */
@@ -40,6 +49,8 @@ export interface RotationMechanisms {
   liveCopy: RotationMechanism;
   luks2Rekey: RotationMechanism;
   luks2Reencrypt: RotationMechanism;
+  /** Online LUKS2 re-encryption of a running guest's mapping; absent: such orders wait for the guest to stop. */
+  luks2Online?: RotationMechanism;
   plainReencrypt: RotationMechanism;
 }
 
@@ -47,13 +58,16 @@ export interface RotationMechanisms {
 export interface OrderContext {
   rotationId: string;
   volumeId: string;
-  kind: RotationKind;
+  /** encrypt, decrypt: the image changes format (spec.format is the target's). */
+  kind: RotationKind | 'encrypt' | 'decrypt';
   fromVersion: number;
   targetVersion: number;
   spec: ImageSpec;
-  /** Keys of the two versions (the driver copies them). */
-  oldKey: Uint8Array;
-  newKey: Uint8Array;
+  /** The image's format before (default spec.format; differs when encrypting or decrypting). */
+  fromFormat?: ImageSpec['format'];
+  /** Keys of the two versions (the driver copies them); none for an unencrypted side. */
+  oldKey: Uint8Array | undefined;
+  newKey: Uint8Array | undefined;
   /** Whether the guest using the volume runs now. */
   guestRunning: boolean;
   /** The running guest's libvirt domain and the volume's disk target (for live copies). */
@@ -118,7 +132,15 @@ export interface RotationDriver {
 }
 
 /** The mechanism for an order, or why there is none; `jobKind`: the kind the mechanism is run with when it is not the order's. */
-export function chooseMechanism(m: RotationMechanisms, o: Pick<OrderContext, 'kind' | 'guestRunning'> & { format: ImageSpec['format'] }): { mechanism: RotationMechanism; offline: boolean; jobKind?: RotationKind } | { refuse: string } | { wait: string } {
+export function chooseMechanism(m: RotationMechanisms, o: Pick<OrderContext, 'kind' | 'guestRunning' | 'fromFormat'> & { format: ImageSpec['format'] }): { mechanism: RotationMechanism; offline: boolean; jobKind?: RotationKind } | { refuse: string } | { wait: string } {
+  if (o.kind === 'encrypt' || o.kind === 'decrypt') {
+    // The copy mechanisms re-encrypt with one side unencrypted (kind reencrypt for them).
+    const [plain, encrypted] = o.kind === 'encrypt' ? [o.fromFormat, o.format] : [o.format, o.fromFormat];
+    const pair = (plain === 'raw' && encrypted === 'luks') || (plain === 'qcow2' && encrypted === 'qcow2-luks');
+    if (!pair) return { refuse: `${o.kind === 'encrypt' ? 'encrypting' : 'decrypting'} converts raw <-> luks and qcow2 <-> qcow2-luks only` };
+    if (o.guestRunning) return { mechanism: m.liveCopy, offline: false, jobKind: 'reencrypt' };
+    return { mechanism: m.qemuConvert, offline: true, jobKind: 'reencrypt' };
+  }
   switch (o.format) {
     case 'luks':
     case 'qcow2-luks':
@@ -127,12 +149,25 @@ export function chooseMechanism(m: RotationMechanisms, o: Pick<OrderContext, 'ki
       return { mechanism: o.kind === 'rekey' ? m.qemuRekey : m.qemuConvert, offline: true };
     case 'luks2':
       if (o.kind === 'rekey') return { mechanism: m.luks2Rekey, offline: false };
-      if (o.guestRunning) return { wait: 'stop the guest: online LUKS2 re-encryption is not supported yet' };
+      // Online: the guest keeps running on its mapping (not offline: it may run, and start).
+      if (o.guestRunning) return m.luks2Online ? { mechanism: m.luks2Online, offline: false } : { wait: 'stop the guest: online LUKS2 re-encryption is not available on this host' };
       return { mechanism: m.luks2Reencrypt, offline: true };
     case 'plain':
       if (o.kind === 'rekey') return { refuse: 'plain dm-crypt has no keyslots to rekey: use reencrypt' };
       if (o.guestRunning) return { wait: 'stop the guest: plain dm-crypt is re-encrypted offline' };
       return { mechanism: m.plainReencrypt, offline: true };
+    case 'raw':
+    case 'qcow2':
+      return { refuse: 'an unencrypted volume has no key to replace' };
+  }
+}
+
+/** Whether a live copy of this order left its journal next to the image (today's name or an earlier version's). */
+export function hasLiveCopyJournal(order: Pick<OrderContext, 'rotationId' | 'spec'>): boolean {
+  try {
+    return existsSync(liveCopyJournalPath(order.spec.path, order.rotationId)) || existsSync(legacyLiveCopyPaths(order.spec.path, order.rotationId).journal);
+  } catch {
+    return false; // a name no live copy could have used
   }
 }
 
@@ -166,8 +201,9 @@ export function createRotationDriver(deps: RotationDriverDeps): RotationDriver {
   });
 
   const run = (job: Job, order: OrderContext, mechanism: RotationMechanism, kind: RotationKind) => {
-    const oldKey = ownedCopy(order.oldKey);
-    const newKey = ownedCopy(order.newKey);
+    const oldKey = order.oldKey && ownedCopy(order.oldKey);
+    const newKey = order.newKey && ownedCopy(order.newKey);
+    const fromFormat = order.fromFormat ?? order.spec.format;
     const abort = new AbortController();
     job.abort = abort;
     job.attempts += 1;
@@ -175,7 +211,7 @@ export function createRotationDriver(deps: RotationDriverDeps): RotationDriver {
     job.running = (async () => {
       try {
         const result = await mechanism.run(
-          { rotationId: order.rotationId, volumeId: order.volumeId, kind, target: order.spec, fromFormat: order.spec.format, oldKey, newKey },
+          { rotationId: order.rotationId, volumeId: order.volumeId, kind, target: order.spec, fromFormat, oldKey, newKey },
           {
             signal: abort.signal,
             onProgress: (p: RotationProgress) => {
@@ -201,8 +237,9 @@ export function createRotationDriver(deps: RotationDriverDeps): RotationDriver {
         }
         // Before saying "failed" (the server then keeps the active version), make sure the
         // image really opens with it; if it opens with the new one only, it is done.
-        const opensOld = await deps.testKey(order.spec, oldKey).catch(() => false);
-        const opensNew = opensOld ? false : await deps.testKey(order.spec, newKey).catch(() => false);
+        // (An unencrypted side "opens" when the image is of that kind: testKey ignores the key.)
+        const opensOld = await deps.testKey({ ...order.spec, format: fromFormat }, oldKey ?? new Uint8Array(0)).catch(() => false);
+        const opensNew = opensOld ? false : await deps.testKey(order.spec, newKey ?? new Uint8Array(0)).catch(() => false);
         if (opensOld) Object.assign(job.status, { phase: 'failed', step: 'failed', reason });
         else if (opensNew) Object.assign(job.status, { phase: 'done', step: 'done (found finished)', reason: '' });
         else {
@@ -229,7 +266,13 @@ export function createRotationDriver(deps: RotationDriverDeps): RotationDriver {
         jobs.set(order.rotationId, job);
       }
       if (job.running || job.status.phase === 'done' || job.status.phase === 'failed' || Date.now() < job.notBefore) return job.status;
-      const choice = chooseMechanism(deps.mechanisms, { kind: order.kind, guestRunning: order.guestRunning, format: order.spec.format });
+      // An unfinished live copy of this order (the agent died during it, and the guest has
+      // stopped since) is finished or rolled back by the live copy itself, whatever the
+      // guest's state: after its pivot the copy holds the guest's newest data and the image
+      // at the canonical path is stale, so an offline mechanism must not touch that image.
+      const choice = hasLiveCopyJournal(order)
+        ? ({ mechanism: deps.mechanisms.liveCopy, offline: !order.guestRunning, jobKind: 'reencrypt' } as const)
+        : chooseMechanism(deps.mechanisms, { kind: order.kind, guestRunning: order.guestRunning, format: order.spec.format, ...(order.fromFormat ? { fromFormat: order.fromFormat } : {}) });
       if ('refuse' in choice) {
         Object.assign(job.status, { phase: 'failed', step: 'refused', reason: choice.refuse });
         return job.status;
@@ -241,7 +284,7 @@ export function createRotationDriver(deps: RotationDriverDeps): RotationDriver {
       job.status.offline = choice.offline;
       const { oldKey: _o, newKey: _n, ...withoutKeys } = order;
       job.order = withoutKeys;
-      run(job, order, choice.mechanism, choice.jobKind ?? order.kind);
+      run(job, order, choice.mechanism, choice.jobKind ?? (order.kind === 'rekey' ? 'rekey' : 'reencrypt'));
       return job.status;
     },
     status(rotationId) {

@@ -1,10 +1,13 @@
 /**
  * Live re-encryption of a running guest's disk (luks, qcow2-luks): libvirt blockcopy into
- * a new image under the new key, pivot, and the new image takes the canonical name.
+ * a new image under the new key, pivot, and the new image takes the canonical name. The
+ * same scheme encrypts a running guest's unencrypted disk (raw -> luks, qcow2 -> qcow2-luks:
+ * there is no old key, and no secret before) and decrypts one (the reverse: the destination
+ * has no <encryption> and no new key; the old secret goes once the copy took P's name).
  *
- * The scheme, with P the canonical image path, T = `.<P's name>.rot-<rotationId>.new` (the
- * destination, next to P) and J = `.<P's name>.rot-<rotationId>.json` (a small journal
- * without secrets):
+ * The scheme, with P the canonical image path, T = `.<P's name>.virtkm-rot-<rotationId>.live-new`
+ * (the destination, next to P) and J = `.<P's name>.virtkm-rot-<rotationId>.live-journal` (a
+ * small journal without secrets), named like every rotation file (common.ts):
  *   1. J := copying; T := a new image under the new key (same format, size and cipher).
  *   2. The libvirt secret of the new key version (same UUID scheme as the reconciler)
  *      replaces the old one just for the blockcopy call: libvirt reads it when it sets up
@@ -42,6 +45,11 @@
  * under the old or the new key, and the defined libvirt secret is the one of the key that
  * opens P (except for the instant of the blockcopy call, restored on resume).
  *
+ * Names of earlier versions: T and J were `.<P's name>.rot-<rotationId>.new` and `.json`. A
+ * run finds them when an earlier version was killed during that rotation (J or T there, or
+ * the guest's disk or mirror naming that T) and then finishes that rotation under those
+ * names; the stale live names of earlier rotations are recognized in both forms.
+ *
  * Things that must not happen meanwhile, and that this module cannot prevent: redefining
  * or restarting the guest from a definition that still names P with the old secret after
  * the pivot (the reconciler should resume an unfinished rotation first), and another
@@ -61,6 +69,7 @@ import { escapeXml } from '../libvirt/xml.js';
 import type { ImagePort } from '../reconcile/ports.js';
 import { secretOwnerTag } from '../reconcile/reconciler.js';
 import { secretUuidFor } from '../reconcile/render-domain.js';
+import { LIVE_COPY_PURPOSE_PREFIX, checkRotationId, rotationFilePath } from './common.js';
 import type { RotationHooks, RotationJob, RotationMechanism, RotationProgress, RotationResult } from './types.js';
 
 /** Where a job's volume is attached and between which key versions it rotates. */
@@ -103,35 +112,59 @@ interface Journal {
   phase: JournalPhase;
 }
 
-const ROTATION_ID_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** Rotation ids earlier versions accepted (their file names hold them). */
+const LEGACY_ROTATION_ID_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** Purposes of this mechanism's files (common.ts' rotationFilePath). */
+const TEMP_PURPOSE = `${LIVE_COPY_PURPOSE_PREFIX}new`;
+const JOURNAL_PURPOSE = `${LIVE_COPY_PURPOSE_PREFIX}journal`;
 const sha256 = (s: string): Buffer => createHash('sha256').update(s).digest();
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** The hidden destination of a rotation, next to the canonical path. */
 export function liveCopyTempPath(canonical: string, rotationId: string): string {
-  return join(dirname(canonical), `.${basename(canonical)}.rot-${rotationId}.new`);
+  return rotationFilePath(canonical, rotationId, TEMP_PURPOSE);
 }
 
 /** The journal of a rotation, next to the canonical path. */
 export function liveCopyJournalPath(canonical: string, rotationId: string): string {
-  return join(dirname(canonical), `.${basename(canonical)}.rot-${rotationId}.json`);
+  return rotationFilePath(canonical, rotationId, JOURNAL_PURPOSE);
 }
 
-/** Whether `path` is the destination name of some live rotation of `canonical`. */
+/** The destination and journal names of earlier versions (see the module comment). */
+export function legacyLiveCopyPaths(canonical: string, rotationId: string): { temp: string; journal: string } {
+  const base = join(dirname(canonical), `.${basename(canonical)}.rot-${rotationId}`);
+  return { temp: `${base}.new`, journal: `${base}.json` };
+}
+
+/** Whether `path` is the destination name of some live rotation of `canonical`, in today's form or an earlier version's. */
 function isRotationTempOf(canonical: string, path: string): boolean {
-  const prefix = `.${basename(canonical)}.rot-`;
+  if (dirname(path) !== dirname(canonical)) return false;
   const name = basename(path);
-  return dirname(path) === dirname(canonical) && name.startsWith(prefix) && name.endsWith('.new') && ROTATION_ID_RE.test(name.slice(prefix.length, -'.new'.length));
+  const forms = [
+    { prefix: `.${basename(canonical)}.virtkm-rot-`, suffix: `.${TEMP_PURPOSE}` },
+    { prefix: `.${basename(canonical)}.rot-`, suffix: '.new' },
+  ];
+  return forms.some(({ prefix, suffix }) => name.startsWith(prefix) && name.endsWith(suffix) && name.length > prefix.length + suffix.length && LEGACY_ROTATION_ID_RE.test(name.slice(prefix.length, -suffix.length)));
 }
 
-/** The <disk> element of a block copy destination: a QEMU LUKS image opened with `secretUuid`. */
-export function destinationDiskXml(path: string, format: 'luks' | 'qcow2-luks', secretUuid: string): string {
+/**
+ * The <disk> element of a block copy destination: a QEMU LUKS image opened with
+ * `secretUuid`, or an unencrypted raw or qcow2 image (a decryption: no <encryption>).
+ */
+export function destinationDiskXml(path: string, format: 'luks' | 'qcow2-luks' | 'raw' | 'qcow2', secretUuid: string): string {
+  const encrypted = format === 'luks' || format === 'qcow2-luks';
+  const encryption = encrypted ? `<encryption format='luks'><secret type='passphrase' uuid='${secretUuid}'/></encryption>` : '';
   return (
     `<disk type='file' device='disk'>` +
-    `<driver name='qemu' type='${format === 'luks' ? 'raw' : 'qcow2'}'/>` +
-    `<source file='${escapeXml(path)}'><encryption format='luks'><secret type='passphrase' uuid='${secretUuid}'/></encryption></source>` +
+    `<driver name='qemu' type='${format === 'luks' || format === 'raw' ? 'raw' : 'qcow2'}'/>` +
+    `<source file='${escapeXml(path)}'>${encryption}</source>` +
     `</disk>`
   );
+}
+
+/** Whether `plain` -> `encrypted` is a conversion the copy does (raw <-> luks, qcow2 <-> qcow2-luks). */
+function isConversionPair(plain: string, encrypted: string): boolean {
+  return (plain === 'raw' && encrypted === 'luks') || (plain === 'qcow2' && encrypted === 'qcow2-luks');
 }
 
 /**
@@ -211,10 +244,19 @@ export function createLiveCopy(deps: LiveCopyDeps): RotationMechanism {
       // ----- input -----------------------------------------------------------------------
       if (job.kind !== 'reencrypt') throw errors.invalid('live blockcopy only re-encrypts (kind reencrypt)');
       const format = job.target.format;
-      if (format !== 'luks' && format !== 'qcow2-luks') throw errors.invalid('live blockcopy handles luks and qcow2-luks images');
-      if (job.fromFormat !== format) throw errors.invalid('live blockcopy keeps the image format (encrypting or decrypting is not supported live)');
-      if (!job.oldKey || !job.newKey) throw errors.invalid('live re-encryption needs the old and the new key');
-      if (!ROTATION_ID_RE.test(job.rotationId)) throw errors.invalid('rotation id must be 1-128 characters of A-Z a-z 0-9 . _ -');
+      const from = job.fromFormat;
+      // Re-encrypting keeps the format and needs both keys; encrypting has no old key,
+      // decrypting no new one.
+      const encrypting = isConversionPair(from, format);
+      const decrypting = isConversionPair(format, from);
+      if (!encrypting && !decrypting) {
+        if (format !== 'luks' && format !== 'qcow2-luks') throw errors.invalid('live blockcopy handles luks and qcow2-luks images (and raw, qcow2 ones to encrypt or decrypt)');
+        if (from !== format) throw errors.invalid('live blockcopy keeps the image format, or converts raw <-> luks, qcow2 <-> qcow2-luks');
+        if (!job.oldKey || !job.newKey) throw errors.invalid('live re-encryption needs the old and the new key');
+      }
+      if (encrypting && (job.oldKey || !job.newKey)) throw errors.invalid('encrypting needs the new key and no old one');
+      if (decrypting && (!job.oldKey || job.newKey)) throw errors.invalid('decrypting needs the old key and no new one');
+      checkRotationId(job.rotationId);
       const canonical = job.target.path;
       if (!isAbsolute(canonical) || normalize(canonical) !== canonical || canonical.endsWith('/')) throw errors.invalid('the image path must be absolute and normalized');
       const spec = job.target as ImageSpec;
@@ -224,13 +266,24 @@ export function createLiveCopy(deps: LiveCopyDeps): RotationMechanism {
       }
       const { domain, disk: target } = place;
       const dir = dirname(canonical);
-      const temp = liveCopyTempPath(canonical, job.rotationId);
-      const journalPath = liveCopyJournalPath(canonical, job.rotationId);
+      // A rotation an earlier version was killed in keeps its names to the end (renaming T
+      // would take the name libvirt and QEMU know it by): its J or T is there, or the guest
+      // runs on, or mirrors into, its T.
+      const legacy = legacyLiveCopyPaths(canonical, job.rotationId);
+      const legacyDisk = await libvirt.domains.disk(domain, target).catch(() => undefined);
+      const useLegacy =
+        (await pathExists(legacy.journal)) || (await pathExists(`${legacy.journal}.tmp`)) || (await pathExists(legacy.temp)) || legacyDisk?.sourcePath === legacy.temp || legacyDisk?.mirror?.path === legacy.temp;
+      if (useLegacy) deps.logger?.info('resuming a live re-encryption under the file names of an earlier version', { rotation_id: job.rotationId });
+      const temp = useLegacy ? legacy.temp : liveCopyTempPath(canonical, job.rotationId);
+      const journalPath = useLegacy ? legacy.journal : liveCopyJournalPath(canonical, job.rotationId);
       const oldUuid = secretUuidFor(job.volumeId, place.oldKeyVersion, sha256);
       const newUuid = secretUuidFor(job.volumeId, place.newKeyVersion, sha256);
+      // An unencrypted side has no key (undefined), and no libvirt secret.
       const oldKey = job.oldKey;
       const newKey = job.newKey;
       const { signal } = hooks;
+      /** The key of a side for testKey: the image store ignores it for an unencrypted spec. */
+      const keyOf = (k: Uint8Array | undefined): Uint8Array => k ?? new Uint8Array(0);
 
       // ----- progress --------------------------------------------------------------------
       let lastReport = 0;
@@ -249,18 +302,23 @@ export function createLiveCopy(deps: LiveCopyDeps): RotationMechanism {
       };
 
       // ----- libvirt secrets -------------------------------------------------------------
-      /** Makes the secret of `which` key version the volume's only one, with its value. */
+      /**
+       * Makes the secret of `which` key version the volume's only one, with its value; for
+       * an unencrypted side (no key), the volume is left without a secret.
+       */
       async function ensureSecret(which: 'old' | 'new'): Promise<void> {
+        const key = which === 'new' ? newKey : oldKey;
         const want = which === 'new' ? newUuid : oldUuid;
         const other = which === 'new' ? oldUuid : newUuid;
         for (const s of await libvirt.secrets.list()) {
-          if (s.volumeId !== job.volumeId || s.uuid === want) continue;
-          if (s.uuid !== other) throw errors.precondition(`volume ${job.volumeId} has a libvirt secret of another key version`);
+          if (s.volumeId !== job.volumeId || (s.uuid === want && key)) continue;
+          if (s.uuid !== other && s.uuid !== want) throw errors.precondition(`volume ${job.volumeId} has a libvirt secret of another key version`);
           await libvirt.secrets.undefine(s.uuid);
         }
+        if (!key) return;
         const version = which === 'new' ? place.newKeyVersion : place.oldKeyVersion;
         await libvirt.secrets.define({ uuid: want, volumeId: job.volumeId, description: `virtkm volume ${place.volumeName ?? job.volumeId} key v${version}${secretOwnerTag(deps.hostId)}` });
-        const passphrase = luksPassphrase(which === 'new' ? newKey : oldKey);
+        const passphrase = luksPassphrase(key);
         try {
           await libvirt.secrets.setValue(want, passphrase);
         } finally {
@@ -332,7 +390,7 @@ export function createLiveCopy(deps: LiveCopyDeps): RotationMechanism {
       /** Steps 5-7: T becomes P, the definition and the secret follow, both keys checked. */
       async function finish(): Promise<RotationResult> {
         progress('finishing', spec.sizeBytes, spec.sizeBytes, true);
-        if (!(await pathExists(temp)) && !(await images.testKey(canonical, spec, newKey))) {
+        if (!(await pathExists(temp)) && !(await images.testKey(canonical, spec, keyOf(newKey)))) {
           // T was renamed already, so P must be the new image; anything else means the
           // image QEMU writes to lost its name (never done by this module).
           throw errors.internal(new Error('neither the destination nor a re-encrypted canonical image exists'));
@@ -354,8 +412,11 @@ export function createLiveCopy(deps: LiveCopyDeps): RotationMechanism {
         }
         await ensureSecret('new');
         progress('verifying', spec.sizeBytes, spec.sizeBytes, true);
-        if (!(await images.testKey(canonical, spec, newKey))) throw errors.internal(new Error('the new key does not open the re-encrypted image'));
-        if (await images.testKey(canonical, spec, oldKey)) throw errors.internal(new Error('the old key still opens the re-encrypted image'));
+        // For a conversion the kind check of testKey is the proof (an encrypted image is no
+        // longer raw or qcow2, a decrypted one no longer LUKS); keys exist on both sides only
+        // for a re-encryption.
+        if (!(await images.testKey(canonical, spec, keyOf(newKey)))) throw errors.internal(new Error('the new key does not open the re-encrypted image'));
+        if (oldKey && newKey && (await images.testKey(canonical, spec, oldKey))) throw errors.internal(new Error('the old key still opens the re-encrypted image'));
         await removeTemp(); // an interrupted create's leftovers, if any
         await dropJournal(journalPath);
         await fsyncDir(dir);
@@ -381,13 +442,14 @@ export function createLiveCopy(deps: LiveCopyDeps): RotationMechanism {
         await writeJournal(journalPath, { v: 1, rotationId: job.rotationId, phase: 'copying' });
         signal?.throwIfAborted();
         progress('creating', 0n, spec.sizeBytes, true);
-        await images.create({ ...spec, path: temp }, newKey);
+        await images.create({ ...spec, path: temp }, keyOf(newKey));
         await restoreSourceName(disk);
         let started = false;
         try {
-          await ensureSecret('new');
+          // A decryption's destination needs no secret (and the source keeps its own).
+          if (newKey) await ensureSecret('new');
           progress('copying', 0n, spec.sizeBytes, true);
-          await libvirt.domains.blockCopy(domain, target, destinationDiskXml(temp, format as 'luks' | 'qcow2-luks', newUuid), { reuseExternal: true, transientJob: true, synchronousWrites: true });
+          await libvirt.domains.blockCopy(domain, target, destinationDiskXml(temp, format as 'luks' | 'qcow2-luks' | 'raw' | 'qcow2', newUuid), { reuseExternal: true, transientJob: true, synchronousWrites: true });
           started = true;
         } finally {
           // Back to the secret of the key that opens P, whatever happened.

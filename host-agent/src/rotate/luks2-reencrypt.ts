@@ -68,6 +68,16 @@
  *
  * Progress: `--progress-json --progress-frequency 1` prints one JSON object a second on
  * stdout ({"device_bytes","device_size","speed",...}); each becomes an onProgress call.
+ *
+ * Speed (measured with bench/rotation.ts, docs/benchmarks.md, issue 4): cryptsetup is
+ * CPU-bound here (about 2 s of CPU per GiB with checksums at 512-byte sectors, most of it
+ * OpenSSL's per-sector call overhead), not disk-bound. Its default hotzone is already the
+ * largest possible (checksum: up to its 1 GiB hard limit, held in memory; journal: the free
+ * keyslot area), and neither a smaller `--hotzone-size` nor another resilience hash was
+ * consistently faster, so none is passed unless hotzoneSizeBytes asks for one (to bound
+ * memory). What the mechanism itself adds is kept small: after its own luksAddKey it uses
+ * the slot it chose instead of re-reading the header and probing every keyslot.
+ * Online re-encryption of a running guest's mapping is luks2-online.ts.
  */
 import { stat } from 'node:fs/promises';
 import { errors } from '../../../shared/src/errors.js';
@@ -110,6 +120,13 @@ export interface Luks2ReencryptOptions {
   toolTimeoutMs?: number;
   /** Time limit of the re-encryption itself (default 24 h; abort with the hook's signal). */
   reencryptTimeoutMs?: number;
+  /**
+   * Upper limit of the hotzone (`--hotzone-size`, bytes, a multiple of 4096; default:
+   * cryptsetup's own choice). See "Speed" in the module comment: cryptsetup's default was
+   * measured to be as fast as any limit, so this exists for hosts that must bound the
+   * memory cryptsetup takes (the hotzone is held in memory) and for the benchmark.
+   */
+  hotzoneSizeBytes?: bigint;
   logger?: Logger;
 }
 
@@ -121,6 +138,9 @@ const NAME = 'luks2-reencrypt';
  * under which it would crawl or refuse.
  */
 export const MIN_REENCRYPT_AREA_BYTES = 1n << 20n;
+/** Bounds of hotzoneSizeBytes: cryptsetup's own hard limit is 1 GiB. */
+const MIN_HOTZONE_BYTES = 1n << 20n;
+const MAX_HOTZONE_BYTES = 1n << 30n;
 
 /** One line of `--progress-json`. */
 interface ProgressLine {
@@ -175,6 +195,11 @@ export function createLuks2Reencrypt(options: Luks2ReencryptOptions = {}): Rotat
   const timeoutMs = options.toolTimeoutMs ?? 120_000;
   const longTimeoutMs = options.reencryptTimeoutMs ?? 24 * 60 * 60 * 1000;
   const logger = options.logger ?? silentLogger;
+  const hotzone = options.hotzoneSizeBytes;
+  if (hotzone !== undefined && (typeof hotzone !== 'bigint' || hotzone < MIN_HOTZONE_BYTES || hotzone > MAX_HOTZONE_BYTES || hotzone % 4096n !== 0n)) {
+    throw errors.invalid('hotzoneSizeBytes must be a multiple of 4096 from 1 MiB to 1 GiB');
+  }
+  const hotzoneArgs = hotzone === undefined ? [] : ['--hotzone-size', hotzone.toString()];
 
   /** A long cryptsetup run (reencrypt, repair) with progress on stdout. */
   async function longRun(args: string[], passphrase: Uint8Array, hooks: RotationHooks, onStdout?: (c: Buffer) => void): Promise<void> {
@@ -239,7 +264,7 @@ export function createLuks2Reencrypt(options: Luks2ReencryptOptions = {}): Rotat
       }
       if (reencryptionInProgress(header)) {
         await longRun(
-          ['reencrypt', '--resume-only', '--batch-mode', '--force-offline-reencrypt', '--key-file', '-', ...progressArgs, path],
+          ['reencrypt', '--resume-only', '--batch-mode', '--force-offline-reencrypt', '--key-file', '-', ...hotzoneArgs, ...progressArgs, path],
           newPass,
           hooks,
           progressJsonParser('reencrypting', progress),
@@ -263,9 +288,11 @@ export function createLuks2Reencrypt(options: Luks2ReencryptOptions = {}): Rotat
           if (added === undefined || header.keyslots.length + 2 > 32) throw errors.tooLarge('too many LUKS2 keyslots of the image are in use');
           step('adding key');
           await cli.addKey(path, oldPass, newPass, added);
-          header = await readHeader(cli, path);
         }
-        const [slot] = await cli.slotsOpenedBy(path, header, newPass);
+        // The slot just added needs no probing and no fresh header (three or four cryptsetup
+        // runs fewer per rotation); when the new key was already there (a run that stopped
+        // between luksAddKey and the re-encryption), the header read above is current.
+        const [slot] = added !== undefined ? [added] : await cli.slotsOpenedBy(path, header, newPass);
         if (slot === undefined) throw errors.internal(new Error('no keyslot opens with the new key'));
         const total = await payloadBytes(path);
         step('reencrypting', 0n, total);
@@ -276,6 +303,7 @@ export function createLuks2Reencrypt(options: Luks2ReencryptOptions = {}): Rotat
           '--key-file', '-',
           '--key-slot', String(slot),
           '--resilience', resilience,
+          ...hotzoneArgs,
           '--cipher', target.cipher,
           '--key-size', String(target.keySizeBits),
           // Explicit: cryptsetup 2.6 would otherwise move a 512-byte-sector image to 4096.
@@ -296,8 +324,9 @@ export function createLuks2Reencrypt(options: Luks2ReencryptOptions = {}): Rotat
     }
 
     step('verifying');
-    header = await readHeader(cli, path);
-    if (reencryptionInProgress(header) || header.segments !== 1) throw errors.internal(new Error('the re-encryption did not finish'));
+    // The image was recognised above: the metadata alone (one luksDump, not inspect's too).
+    const after = await cli.dump(path);
+    if (!after || reencryptionInProgress(after) || after.segments !== 1) throw errors.internal(new Error('the re-encryption did not finish'));
     if (await cli.opens(path, oldPass)) throw errors.internal(new Error('the old key still opens the image after the re-encryption'));
     if (!(await cli.opens(path, newPass))) throw errors.internal(new Error('the new key does not open the image after the re-encryption'));
     return { opensWith: 'new', verified: false, bytesRewritten: rewritten };

@@ -22,7 +22,9 @@ import { createRecipientCache, type BoxRecipient } from '../../../shared/src/box
 import { errors, toWireError } from '../../../shared/src/errors.js';
 import { describeError } from '../../../shared/src/log.js';
 import type { Clock } from '../domain/clock.js';
-import type { GuestStatusRecord, HostRecord, VolumeRecord, VolumeStatusRecord } from '../domain/model.js';
+import type { GuestStatusRecord, HostRecord, RotationKindName, VolumeRecord, VolumeStatusRecord } from '../domain/model.js';
+import { convertedFormat } from '../domain/volume-spec.js';
+import { FORMAT_TO_API } from '../../../shared/src/formats.js';
 import { authenticate, type Principal } from '../rpc/auth.js';
 import type { RpcContext } from '../rpc/handler.js';
 import type { StoreReader } from '../store/ports.js';
@@ -110,6 +112,13 @@ export function parseRotationStatuses(list: RotationStatus[]): RotationStatusInp
   });
 }
 
+const KIND_TO_ORDER: Readonly<Record<RotationKindName, RotationKind>> = {
+  rekey: RotationKind.ROTATION_KIND_REKEY,
+  reencrypt: RotationKind.ROTATION_KIND_REENCRYPT,
+  encrypt: RotationKind.ROTATION_KIND_ENCRYPT,
+  decrypt: RotationKind.ROTATION_KIND_DECRYPT,
+};
+
 /** Whether the host last reported the volume's image ready at its active key version. */
 function isReadyOnHost(store: StoreReader, hostId: string, v: VolumeRecord): boolean {
   const st = store.volumeStatuses(v.id).find((x) => x.hostId === hostId);
@@ -144,15 +153,17 @@ export function createDesiredStateBuilder(deps: Omit<AgentServiceDeps, 'hub' | '
     const rotationFor = (v: VolumeRecord): RotationOrder | undefined => {
       const r = running.get(v.id);
       if (!r) return undefined;
-      const key = store.getKeyVersions(v.id).find((k) => k.version === r.toVersion);
-      if (!key || key.sealed === null) return undefined;
-      released.push({ volumeId: v.id, version: key.version });
-      return {
-        rotationId: r.id,
-        kind: r.kind === 'rekey' ? RotationKind.ROTATION_KIND_REKEY : RotationKind.ROTATION_KIND_REENCRYPT,
-        targetVersion: r.toVersion,
-        targetPacket: vault.packetForHost(v, key, { hostId, recipient: recipientOf(host), shares: deps.ephemeral }, issuedAt),
-      };
+      // Encrypt and decrypt change the format: the order names the one the image ends in
+      // (and the new version's packet is made for it). A decryption has no new version.
+      const targetFormat = r.kind === 'encrypt' || r.kind === 'decrypt' ? convertedFormat(v.format, r.kind) : v.format;
+      let targetPacket: SealedKeyPacket | undefined;
+      if (r.toVersion > 0) {
+        const key = store.getKeyVersions(v.id).find((k) => k.version === r.toVersion);
+        if (!key || key.sealed === null) return undefined;
+        released.push({ volumeId: v.id, version: key.version });
+        targetPacket = vault.packetForHost({ ...v, format: targetFormat }, key, { hostId, recipient: recipientOf(host), shares: deps.ephemeral }, issuedAt);
+      }
+      return { rotationId: r.id, kind: KIND_TO_ORDER[r.kind], targetVersion: r.toVersion, targetPacket, targetFormat: FORMAT_TO_API[targetFormat] };
     };
     const desired = buildDesiredState(hostId, host.desiredRevision, store, packetFor, issuedAt, rotationFor);
     if (released.length > 0) {
@@ -177,7 +188,8 @@ export function createAgentService(deps: AgentServiceDeps, sentPackets: (hostId:
       if (g.hostId === hostId) {
         for (const id of g.volumeIds) {
           const v = store.getVolume(id);
-          if (v && !isReadyOnHost(store, hostId, v) && !sent.has(`${id}:${v.activeVersion}`)) changed.add(hostId);
+          // (An unencrypted volume has no packet to send.)
+          if (v && v.activeVersion > 0 && !isReadyOnHost(store, hostId, v) && !sent.has(`${id}:${v.activeVersion}`)) changed.add(hostId);
         }
       }
       if (g.handoffFromHostId === null || g.hostId === null) continue;

@@ -10,6 +10,9 @@ export const FORMAT_NAMES: Readonly<Record<string, VolumeFormat>> = {
   'qcow2-luks': VolumeFormat.VOLUME_FORMAT_QCOW2_LUKS,
   luks2: VolumeFormat.VOLUME_FORMAT_LUKS2,
   plain: VolumeFormat.VOLUME_FORMAT_PLAIN,
+  // Unencrypted (no key); `volume encrypt` turns them into luks and qcow2-luks.
+  raw: VolumeFormat.VOLUME_FORMAT_RAW,
+  qcow2: VolumeFormat.VOLUME_FORMAT_QCOW2,
 };
 
 /** The command-line name of a format. */

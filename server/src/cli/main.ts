@@ -98,7 +98,7 @@ export async function main(argv: string[], io: CliIo): Promise<number> {
     .command('create <name>')
     .description('create a volume with its own random secret')
     .requiredOption('--size <size>', 'size, e.g. 10G')
-    .addOption(new Option('--format <format>', 'encryption format').choices(Object.keys(FORMAT_NAMES)).makeOptionMandatory())
+    .addOption(new Option('--format <format>', 'encryption format (raw and qcow2: unencrypted, no key)').choices(Object.keys(FORMAT_NAMES)).makeOptionMandatory())
     .option('--cipher <cipher>', 'cipher (default aes-xts-plain64)')
     .option('--key-size <bits>', 'key size in bits: 256 or 512 (default 512)')
     .option('--sector-size <bytes>', 'sector size: 512 or 4096 (luks2, plain)')

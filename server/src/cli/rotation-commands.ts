@@ -1,6 +1,8 @@
 /**
  * `virtkm` commands for key rotation (RotationService), registered by main.ts:
  *   volume|guest|host rotate REF, rotate --all   start rotations (and follow them: --wait)
+ *   volume encrypt|decrypt VOLUME                convert raw <-> luks, qcow2 <-> qcow2-luks
+ *                                                (rotations too: rotation watch/show/list)
  *   rotation list|show|watch                     what runs, ran or waits, with progress
  *   policy set|list|delete                       maximum key ages and re-encryption after moves
  * and the view `volume show` prints (key versions with their lifetimes, newest rotation).
@@ -53,7 +55,15 @@ const STATE_NAMES: Readonly<Record<string, RotationState>> = {
   failed: RotationState.ROTATION_STATE_FAILED,
 };
 
-const kindName = (k: RotationKind) => Object.entries(KIND_NAMES).find(([, v]) => v === k)?.[0] ?? 'unknown';
+/** Every kind a rotation may have (policies take KIND_NAMES only). */
+const ALL_KIND_NAMES: Readonly<Record<string, RotationKind>> = { ...KIND_NAMES, encrypt: RotationKind.ROTATION_KIND_ENCRYPT, decrypt: RotationKind.ROTATION_KIND_DECRYPT };
+const kindName = (k: RotationKind) => Object.entries(ALL_KIND_NAMES).find(([, v]) => v === k)?.[0] ?? 'unknown';
+/** "v1 -> v2", "unencrypted -> v1" (encrypt), "v2 -> unencrypted" (decrypt); `pending` while the new version is not known. */
+function versionsText(r: { kind: string; from_version: number; to_version: number }, pending = '?'): string {
+  const from = r.kind === 'encrypt' ? 'unencrypted' : `v${r.from_version}`;
+  const to = r.kind === 'decrypt' ? 'unencrypted' : r.to_version ? `v${r.to_version}` : pending;
+  return `${from} -> ${to}`;
+}
 const stateName = (s: RotationState) => Object.entries(STATE_NAMES).find(([, v]) => v === s)?.[0] ?? 'unknown';
 const ended = (r: Rotation | undefined) => r !== undefined && (r.state === RotationState.ROTATION_STATE_DONE || r.state === RotationState.ROTATION_STATE_FAILED);
 
@@ -114,7 +124,7 @@ export function formatVolumeShow(v: ReturnType<typeof volumeShowView>): string {
     `cipher:      ${v.cipher}, ${v.key_size_bits}-bit key, ${v.sector_size}-byte sectors`,
     `created:     ${v.created_at}`,
     `guests:      ${v.guests.join(', ') || '-'}`,
-    `key version: ${v.active_key_version} (active)`,
+    v.active_key_version ? `key version: ${v.active_key_version} (active)` : 'key version: none (unencrypted)',
     ...v.key_versions.map((k) => {
       const life = [k.retired_at ? `retired ${k.retired_at}` : '', k.destroy_after ? `${k.state === 'destroyed' ? 'destroyed' : 'destroy after'} ${k.destroy_after}` : ''].filter(Boolean);
       return `  v${k.version}  ${k.state.padEnd(9)} ${k.created_at}${life.length ? `  ${life.join(', ')}` : ''}`;
@@ -122,7 +132,7 @@ export function formatVolumeShow(v: ReturnType<typeof volumeShowView>): string {
   ];
   const r = v.rotation;
   if (r) {
-    lines.push(`rotation:    ${r.id} ${r.state} (${r.kind}, reason ${r.reason}), v${r.from_version} -> ${r.to_version ? `v${r.to_version}` : '?'}`);
+    lines.push(`rotation:    ${r.id} ${r.state} (${r.kind}, reason ${r.reason}), ${versionsText(r)}`);
     if (r.state === 'running' || r.state === 'queued') lines.push(`  progress:  ${progressText(r)}`);
     if (r.mechanism) lines.push(`  mechanism: ${r.mechanism}${r.host ? ` on ${r.host}` : ''}`);
     if (r.error) lines.push(`  error:     ${r.error}`);
@@ -206,7 +216,7 @@ function changeLine(r: ReturnType<typeof rotationView>): string {
 
 /** What ends a rotation's line (or bar) for humans. */
 function endText(r: ReturnType<typeof rotationView>): string {
-  return r.state === 'done' ? `done: v${r.from_version} -> v${r.to_version}${r.mechanism ? ` by ${r.mechanism}` : ''}` : `failed: ${r.error || 'no reason given'}`;
+  return r.state === 'done' ? `done: ${versionsText(r)}${r.mechanism ? ` by ${r.mechanism}` : ''}` : `failed: ${r.error || 'no reason given'}`;
 }
 
 // ---- following rotations ---------------------------------------------------------------
@@ -336,6 +346,8 @@ function settle(ctx: RotationCliContext, finals: Rotation[], print: boolean): vo
 // ---- commands --------------------------------------------------------------------------
 
 interface StartOptions {
+  /** Set by `volume encrypt|decrypt`; otherwise --reencrypt/--rekey decide. */
+  kind?: RotationKind;
   reencrypt?: boolean;
   rekey?: boolean;
   reason?: string;
@@ -354,7 +366,7 @@ function withStartOptions(cmd: Command): Command {
 }
 
 async function startRotations(ctx: RotationCliContext, selector: RotationSelector, o: StartOptions): Promise<void> {
-  const kind = o.reencrypt ? RotationKind.ROTATION_KIND_REENCRYPT : o.rekey ? RotationKind.ROTATION_KIND_REKEY : RotationKind.ROTATION_KIND_UNSPECIFIED;
+  const kind = o.kind ?? (o.reencrypt ? RotationKind.ROTATION_KIND_REENCRYPT : o.rekey ? RotationKind.ROTATION_KIND_REKEY : RotationKind.ROTATION_KIND_UNSPECIFIED);
   const res = await ctx.rpc((c) => c.rotations.startRotation.bind(c.rotations), { selector, kind, reason: o.reason ?? '' });
   const started = res.rotations.map(rotationView);
   if (o.json && !o.wait) {
@@ -366,7 +378,7 @@ async function startRotations(ctx: RotationCliContext, selector: RotationSelecto
     else {
       const first = started[0] as (typeof started)[number];
       ctx.io.stdout(`started ${started.length} rotation${started.length === 1 ? '' : 's'} (${first.kind}, reason ${first.reason}):\n`);
-      ctx.io.stdout(table(['ID', 'VOLUME', 'STATE', 'VERSIONS', 'STEP'], started.map((r) => [r.id, r.volume, r.state, `v${r.from_version} -> ${r.to_version ? `v${r.to_version}` : '?'}`, r.state === 'done' ? endText(r) : r.step])));
+      ctx.io.stdout(table(['ID', 'VOLUME', 'STATE', 'VERSIONS', 'STEP'], started.map((r) => [r.id, r.volume, r.state, versionsText(r), r.state === 'done' ? endText(r) : r.step])));
     }
     if (res.skipped.length > 0) ctx.io.stdout(`skipped (a rotation of theirs is already queued or running): ${res.skipped.join(', ')}\n`);
   }
@@ -411,6 +423,34 @@ export function addRotationCommands(program: Command, ctx: RotationCliContext): 
       await startRotations(ctx, { target: { $case: 'all', value: true } }, o);
     });
 
+  // ---- encrypting and decrypting ----
+  // Rotations of their own kind (server-side, audited as volume.encrypt.* / volume.decrypt.*);
+  // one volume at a time, followed like any rotation with --wait or `rotation watch`.
+  const volumeCmd = commandNamed(program, 'volume');
+  volumeCmd
+    .command('encrypt <volume>')
+    .description('encrypt an unencrypted volume: raw -> luks, qcow2 -> qcow2-luks (offline with the guest stopped, live while it runs)')
+    .option('--reason <text>', 'why (free text, default "manual")')
+    .option('--wait', 'follow the conversion until it ends; exit 1 if it failed')
+    .option('--json', 'machine-readable output')
+    .action((ref: string, o: StartOptions) => startRotations(ctx, { target: { $case: 'volume', value: ref } }, { ...o, kind: RotationKind.ROTATION_KIND_ENCRYPT }));
+  volumeCmd
+    .command('decrypt <volume>')
+    .description("remove a volume's encryption: luks -> raw, qcow2-luks -> qcow2; its key is retired (destroyed after the grace period)")
+    .option('--yes', 'confirm: the data is stored unencrypted afterwards (required when stdin is not a terminal)')
+    .option('--reason <text>', 'why; "compromise" destroys the key as soon as the image is decrypted')
+    .option('--wait', 'follow the conversion until it ends; exit 1 if it failed')
+    .option('--json', 'machine-readable output')
+    .action(async (ref: string, o: StartOptions & { yes?: boolean }) => {
+      if (!o.yes) {
+        const terminal = io.terminal ?? NO_TERMINAL;
+        if (!terminal.stdinIsTty) throw errors.invalid('decrypting lowers the protection of the volume: its data is stored unencrypted afterwards', { hint: 'confirm with --yes' });
+        const ok = await terminal.confirm(`decrypt volume ${ref}: its data will be stored UNENCRYPTED? [y/N] `);
+        if (!ok) throw errors.precondition('not confirmed: nothing was changed');
+      }
+      await startRotations(ctx, { target: { $case: 'volume', value: ref } }, { ...o, kind: RotationKind.ROTATION_KIND_DECRYPT });
+    });
+
   // ---- rotation list / show / watch ----
   const rotation = program.command('rotation').description('key rotations: queued, running, done and failed');
   rotation
@@ -434,7 +474,7 @@ export function addRotationCommands(program: Command, ctx: RotationCliContext): 
       out(o.json, all, () =>
         table(
           ['ID', 'VOLUME', 'KIND', 'STATE', 'REASON', 'VERSIONS', 'HOST', 'PROGRESS', 'CREATED'],
-          all.map((r) => [r.id, r.volume, r.kind, r.state, r.reason, `v${r.from_version} -> ${r.to_version ? `v${r.to_version}` : '?'}`, r.host || '-', r.state === 'done' ? r.mechanism || '-' : r.state === 'failed' ? r.error : progressText(r), r.created_at]),
+          all.map((r) => [r.id, r.volume, r.kind, r.state, r.reason, versionsText(r), r.host || '-', r.state === 'done' ? r.mechanism || '-' : r.state === 'failed' ? r.error : progressText(r), r.created_at]),
         ),
       );
     });
@@ -452,7 +492,7 @@ export function addRotationCommands(program: Command, ctx: RotationCliContext): 
           `kind:       ${r.kind}`,
           `state:      ${r.state}`,
           `reason:     ${r.reason}`,
-          `versions:   v${r.from_version} -> ${r.to_version ? `v${r.to_version}` : '(not yet)'}`,
+          `versions:   ${versionsText(r, '(not yet)')}`,
           `host:       ${r.host || '-'}`,
           `mechanism:  ${r.mechanism || '-'}`,
           `step:       ${r.step || '-'}`,

@@ -5,7 +5,7 @@
 
 import type { VolumeFormatName } from '../../../shared/src/formats.js';
 
-/** How a volume is encrypted on the host (API enum VolumeFormat). */
+/** How a volume is encrypted on the host (API enum VolumeFormat); raw and qcow2: not at all. */
 export type { VolumeFormatName };
 /** Life-cycle state of one version of a volume's secret. */
 export type KeyStateName = 'pending' | 'active' | 'retired' | 'destroyed';
@@ -23,7 +23,7 @@ export interface VolumeRecord {
   cipher: string;
   keySizeBits: number;
   sectorSize: number;
-  /** The version hosts use now (0 only transiently while creating). */
+  /** The version hosts use now; 0 for an unencrypted volume (raw, qcow2), which has no key. */
   activeVersion: number;
   createdAt: string;
 }
@@ -41,8 +41,12 @@ export interface KeyVersionRecord {
   destroyAfter?: string | null;
 }
 
-/** What a rotation does: a new keyslot passphrase, or a new data key (all blocks rewritten). */
-export type RotationKindName = 'rekey' | 'reencrypt';
+/**
+ * What a rotation does: a new keyslot passphrase, a new data key (all blocks rewritten),
+ * encrypting an unencrypted volume (raw -> luks, qcow2 -> qcow2-luks) or decrypting one
+ * (the reverse).
+ */
+export type RotationKindName = 'rekey' | 'reencrypt' | 'encrypt' | 'decrypt';
 /** Life-cycle state of a rotation. */
 export type RotationStateName = 'queued' | 'running' | 'done' | 'failed';
 
@@ -58,8 +62,9 @@ export interface RotationRecord {
   priority: number;
   /** Deadline (after-move window), or null. */
   dueAt: string | null;
+  /** 0 when encrypting (no key before). */
   fromVersion: number;
-  /** 0 while queued. */
+  /** 0 while queued, and for a decryption (no key after). */
   toVersion: number;
   /** The host doing it, or null while queued. */
   hostId: string | null;

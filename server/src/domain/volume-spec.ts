@@ -2,7 +2,10 @@
  * Validation of volume parameters and the safe defaults for ciphers. Pure functions.
  */
 import { errors } from '../../../shared/src/errors.js';
+import { DECRYPTED_FORM, ENCRYPTED_FORM, isUnencryptedFormat } from '../../../shared/src/formats.js';
 import type { VolumeFormatName } from './model.js';
+
+export { isUnencryptedFormat };
 
 /** Smallest and largest volume sizes accepted. */
 export const MIN_VOLUME_BYTES = 1n << 20n; // 1 MiB
@@ -63,7 +66,8 @@ export function compileCipherSpec(format: VolumeFormatName, req: { cipher?: stri
   // XTS splits the key in two halves: 256 bits = AES-128, 512 bits = AES-256.
   if (keySizeBits !== 256 && keySizeBits !== 512) throw errors.invalid('key size must be 256 or 512 bits for XTS');
   if (sectorSize !== 512 && sectorSize !== 4096) throw errors.invalid('sector size must be 512 or 4096');
-  if ((format === 'luks' || format === 'qcow2-luks') && sectorSize !== 512) {
+  // raw and qcow2 keep the cipher for the day they are encrypted (as luks, qcow2-luks).
+  if ((format === 'luks' || format === 'qcow2-luks' || isUnencryptedFormat(format)) && sectorSize !== 512) {
     throw errors.invalid(`sector size is fixed at 512 for format ${format}`);
   }
   return { cipher, keySizeBits, sectorSize };
@@ -73,6 +77,23 @@ export function compileCipherSpec(format: VolumeFormatName, req: { cipher?: stri
 export function secretLength(format: VolumeFormatName, spec: CompiledCipherSpec): number {
   // plain dm-crypt has no keyslots: the secret is the data key itself.
   return format === 'plain' ? spec.keySizeBits / 8 : PASSPHRASE_BYTES;
+}
+
+/**
+ * The format an encryption (kind "encrypt") or decryption ("decrypt") of a volume of
+ * `format` leads to; failed_precondition when that conversion does not exist.
+ */
+export function convertedFormat(format: VolumeFormatName, kind: 'encrypt' | 'decrypt'): VolumeFormatName {
+  if (kind === 'encrypt') {
+    if (!isUnencryptedFormat(format)) throw errors.precondition(`the volume is already encrypted (${format})`);
+    return ENCRYPTED_FORM[format];
+  }
+  if (isUnencryptedFormat(format)) throw errors.precondition(`the volume is not encrypted (${format})`);
+  const to = DECRYPTED_FORM[format];
+  if (!to) {
+    throw errors.precondition(`a ${format} volume cannot be decrypted by virtkm yet`, { hint: 'decrypting (and encrypting) works for luks <-> raw and qcow2-luks <-> qcow2' });
+  }
+  return to;
 }
 
 /** Clamps a requested page size to [1, 1000], 0 meaning the default 100. */

@@ -21,6 +21,16 @@
  *
  * A volume whose image was never created (no host reported it ready) needs no host: its
  * rotation completes at once by switching versions.
+ *
+ * Encrypting and decrypting are rotations too (kinds "encrypt" and "decrypt", one volume
+ * at a time). Encrypt: an unencrypted volume (raw, qcow2; no key version) gets version 1
+ * (or the next unused number) pending; when the host reports the image converted (raw ->
+ * luks, qcow2 -> qcow2-luks), the version becomes active and the volume's format changes,
+ * in the same transaction. Decrypt: no new version (to_version 0); when the host reports
+ * the image unencrypted, the format changes back and the active version is retired like
+ * any replaced key (destroyed after the grace period, at once for "compromise"). A failed
+ * decryption leaves everything as it was. Policies and group rotations skip unencrypted
+ * volumes (they have no key to age or replace).
  */
 import { EventEmitter } from 'node:events';
 import { randomUUID } from 'node:crypto';
@@ -28,7 +38,7 @@ import { errors } from '../../../shared/src/errors.js';
 import { describeError, type Logger } from '../../../shared/src/log.js';
 import type { Clock } from '../domain/clock.js';
 import type { GuestRecord, RotationKindName, RotationPolicyRecord, RotationRecord, VolumeRecord } from '../domain/model.js';
-import { secretLength } from '../domain/volume-spec.js';
+import { convertedFormat, isUnencryptedFormat, secretLength } from '../domain/volume-spec.js';
 import type { HostChangeNotifier } from '../agent/agent-hub.js';
 import type { Store, StoreReader, StoreWriter } from '../store/ports.js';
 import type { KeyVault } from '../vault/key-vault.js';
@@ -112,6 +122,16 @@ function priorityOf(reason: string): number {
   if (reason === 'scheduled') return PRIORITY.scheduled;
   if (reason === 'move') return PRIORITY.move;
   return PRIORITY.manual;
+}
+
+/** The audit action of a rotation step: key.rotate.* for key changes, volume.encrypt.* and volume.decrypt.* for conversions. */
+export function rotationAction(kind: RotationKindName, stage: 'request' | 'start' | 'done' | 'fail' | 'cancel'): string {
+  return kind === 'encrypt' || kind === 'decrypt' ? `volume.${kind}.${stage}` : `key.rotate.${stage}`;
+}
+
+/** Whether a rotation changes the volume's format (encrypt, decrypt). */
+function converts(kind: RotationKindName): kind is 'encrypt' | 'decrypt' {
+  return kind === 'encrypt' || kind === 'decrypt';
 }
 
 /** Guests that use a volume. */
@@ -238,7 +258,7 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
           // data key: the admin is told it was skipped and re-runs after it ends).
           if (reason === 'compromise' && open.reason !== 'compromise') {
             const upgraded: RotationRecord =
-              open.state === 'queued' ? { ...open, reason, priority: PRIORITY.compromise, kind: 'reencrypt' } : { ...open, reason, priority: PRIORITY.compromise };
+              open.state === 'queued' && !converts(open.kind) ? { ...open, reason, priority: PRIORITY.compromise, kind: 'reencrypt' } : { ...open, reason, priority: PRIORITY.compromise };
             tx.updateRotation(upgraded);
             if (open.state === 'queued') {
               made.push(upgraded);
@@ -256,7 +276,7 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
       if (made.length > 0) {
         tx.appendAudit({
           actor,
-          action: 'key.rotate.request',
+          action: rotationAction(kind, 'request'),
           target: made.length === 1 ? (made[0] as RotationRecord).volumeId : `${made.length} volumes`,
           outcome: 'ok',
           detail: { kind, reason, rotations: made.length, skipped: skipped.length },
@@ -270,9 +290,18 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
 
   /** Finishes a rotation as done (inside a unit). Returns the hosts to notify. */
   const complete = (tx: StoreWriter, r: RotationRecord, at: string, actor: string, fields: Partial<RotationRecord>): { rotation: RotationRecord; hosts: (string | null)[] } => {
-    tx.setActiveVersion(r.volumeId, r.toVersion);
     const destroyAt = r.reason === 'compromise' ? at : plusSeconds(at, settings.graceSeconds);
-    tx.retireKeyVersion(r.volumeId, r.fromVersion, at, destroyAt);
+    if (converts(r.kind)) {
+      // The format changes with the version, in this same transaction: encrypt activates
+      // the new version (there is no old one), decrypt retires the old one (no new one).
+      const v = tx.getVolume(r.volumeId);
+      if (!v) throw errors.notFound('volume');
+      tx.setVolumeFormat(r.volumeId, convertedFormat(v.format, r.kind), r.kind === 'encrypt' ? r.toVersion : 0);
+      if (r.kind === 'decrypt') tx.retireKeyVersion(r.volumeId, r.fromVersion, at, destroyAt);
+    } else {
+      tx.setActiveVersion(r.volumeId, r.toVersion);
+      tx.retireKeyVersion(r.volumeId, r.fromVersion, at, destroyAt);
+    }
     const hosts: (string | null)[] = [];
     // The guests' domains must name the new version's secret: a new generation makes
     // their hosts redefine them.
@@ -283,7 +312,7 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
     for (const h of hosts) if (h) tx.bumpHostRevision(h);
     const done: RotationRecord = { ...r, ...fields, state: 'done', step: 'done', error: '', finishedAt: at };
     tx.updateRotation(done);
-    tx.appendAudit({ actor, action: 'key.rotate.done', target: r.volumeId, outcome: 'ok', detail: { rotation: r.id, kind: r.kind, from_version: r.fromVersion, to_version: r.toVersion, reason: r.reason, mechanism: done.mechanism } });
+    tx.appendAudit({ actor, action: rotationAction(r.kind, 'done'), target: r.volumeId, outcome: 'ok', detail: { rotation: r.id, kind: r.kind, from_version: r.fromVersion, to_version: r.toVersion, reason: r.reason, mechanism: done.mechanism } });
     return { rotation: done, hosts };
   };
 
@@ -300,11 +329,27 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
         if (!r || r.state !== 'queued') continue;
         const v = tx.getVolume(r.volumeId);
         if (!v) continue;
-        const toVersion = Math.max(0, ...tx.getKeyVersions(v.id).map((k) => k.version)) + 1;
-        const seal = () => vault.newSealedSecret(v.id, toVersion, secretLength(v.format, { cipher: v.cipher, keySizeBits: v.keySizeBits, sectorSize: v.sectorSize }));
+        // The volume may have changed since the request (e.g. a queued rekey of a volume
+        // that is unencrypted now): such a rotation ends as failed, nothing changes.
+        let targetFormat = v.format;
+        try {
+          if (converts(r.kind)) targetFormat = convertedFormat(v.format, r.kind);
+          else if (isUnencryptedFormat(v.format)) throw errors.precondition(`the volume is not encrypted (${v.format}): nothing to ${r.kind}`);
+        } catch (err) {
+          const failed: RotationRecord = { ...r, state: 'failed', step: 'refused', error: err instanceof Error ? err.message : 'refused', finishedAt: at };
+          tx.updateRotation(failed);
+          changed.push(failed);
+          continue;
+        }
+        // A decryption makes no new version (to_version 0); the others the next unused one.
+        const toVersion = r.kind === 'decrypt' ? 0 : Math.max(0, ...tx.getKeyVersions(v.id).map((k) => k.version)) + 1;
+        const seal = () => vault.newSealedSecret(v.id, toVersion, secretLength(targetFormat, { cipher: v.cipher, keySizeBits: v.keySizeBits, sectorSize: v.sectorSize }));
+        const insertPending = () => {
+          if (toVersion > 0) tx.insertKeyVersion({ volumeId: v.id, version: toVersion, state: 'pending', sealed: seal(), createdAt: at });
+        };
         if (!tx.isMaterialized(v.id)) {
           // No image anywhere yet: nothing to change on disk, switch versions now.
-          tx.insertKeyVersion({ volumeId: v.id, version: toVersion, state: 'pending', sealed: seal(), createdAt: at });
+          insertPending();
           const started = { ...r, toVersion, fromVersion: v.activeVersion, startedAt: at };
           const c = complete(tx, started, at, 'server', { mechanism: 'none (no image yet)' });
           changed.push(c.rotation);
@@ -332,11 +377,11 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
           continue;
         }
         running.set(where.hostId, busy + 1);
-        tx.insertKeyVersion({ volumeId: v.id, version: toVersion, state: 'pending', sealed: seal(), createdAt: at });
+        insertPending();
         const started: RotationRecord = { ...r, state: 'running', fromVersion: v.activeVersion, toVersion, hostId: where.hostId, step: 'sent to host', startedAt: at, error: '' };
         tx.updateRotation(started);
         tx.bumpHostRevision(where.hostId);
-        tx.appendAudit({ actor: 'server', action: 'key.rotate.start', target: v.id, outcome: 'ok', detail: { rotation: r.id, kind: r.kind, from_version: v.activeVersion, to_version: toVersion, host: tx.getHost(where.hostId)?.name ?? where.hostId, reason: r.reason } });
+        tx.appendAudit({ actor: 'server', action: rotationAction(r.kind, 'start'), target: v.id, outcome: 'ok', detail: { rotation: r.id, kind: r.kind, from_version: v.activeVersion, to_version: toVersion, host: tx.getHost(where.hostId)?.name ?? where.hostId, reason: r.reason } });
         changed.push(started);
         hosts.push(where.hostId);
       }
@@ -398,7 +443,20 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
     settings,
     async start(target, kind, reason, actor) {
       const r = checkReason(reason);
-      const volumes = selectVolumes(target);
+      let volumes = selectVolumes(target);
+      if (converts(kind)) {
+        // Encrypting or decrypting changes what protects a volume's data: one named volume
+        // at a time, and only a conversion that exists (convertedFormat says why not).
+        if (!('volume' in target)) throw errors.invalid(`${kind} takes a single volume`, { hint: `virtkm volume ${kind} VOLUME` });
+        for (const v of volumes) convertedFormat(v.format, kind);
+      } else if ('volume' in target) {
+        for (const v of volumes) {
+          if (isUnencryptedFormat(v.format)) throw errors.precondition(`volume "${v.name}" is not encrypted (${v.format}): it has no key to ${kind}`, { hint: `encrypt it first: virtkm volume encrypt ${v.name}` });
+        }
+      } else {
+        // A guest's, a host's or every volume: those without a key have nothing to replace.
+        volumes = volumes.filter((v) => !isUnencryptedFormat(v.format));
+      }
       const result = await enqueue(volumes, kind, r, actor, () => null);
       await dispatch();
       // Return the rotations as they are after dispatch (some may have started or finished).
@@ -413,7 +471,7 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
         if (r.state !== 'queued') throw errors.precondition(`rotation is ${r.state}: only a queued rotation can be cancelled`);
         const c: RotationRecord = { ...r, state: 'failed', step: 'cancelled', error: `cancelled by ${actor}`, finishedAt: at };
         tx.updateRotation(c);
-        tx.appendAudit({ actor, action: 'key.rotate.cancel', target: r.volumeId, outcome: 'ok', detail: { rotation: r.id, kind: r.kind, reason: r.reason } });
+        tx.appendAudit({ actor, action: rotationAction(r.kind, 'cancel'), target: r.volumeId, outcome: 'ok', detail: { rotation: r.id, kind: r.kind, reason: r.reason } });
         return c;
       });
       emit([cancelled]);
@@ -447,11 +505,11 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
           } else if (phase === 'failed') {
             // The host says the image still opens with the active version. The pending
             // version is kept for the grace period anyway (belt and braces).
-            tx.retireKeyVersion(r.volumeId, r.toVersion, at, plusSeconds(at, settings.graceSeconds));
+            if (r.toVersion > 0) tx.retireKeyVersion(r.volumeId, r.toVersion, at, plusSeconds(at, settings.graceSeconds));
             const failed: RotationRecord = { ...r, ...progress, state: 'failed', error: s.reason.slice(0, 500) || 'failed on the host', finishedAt: at };
             tx.updateRotation(failed);
             tx.bumpHostRevision(hostId);
-            tx.appendAudit({ actor, action: 'key.rotate.fail', target: r.volumeId, outcome: 'failed', detail: { rotation: r.id, kind: r.kind, to_version: r.toVersion, reason: failed.error } });
+            tx.appendAudit({ actor, action: rotationAction(r.kind, 'fail'), target: r.volumeId, outcome: 'failed', detail: { rotation: r.id, kind: r.kind, to_version: r.toVersion, reason: failed.error } });
             changed.push(failed);
             hosts.push(hostId);
             finished = true;
@@ -480,7 +538,7 @@ export function createRotationManager(deps: RotationManagerDeps): RotationManage
       const vols = g.volumeIds.flatMap((id) => {
         const p = effectivePolicy(store, id);
         const v = store.getVolume(id);
-        return p && v && p.reencryptAfterMoveSeconds > 0 ? [{ v, window: p.reencryptAfterMoveSeconds }] : [];
+        return p && v && !isUnencryptedFormat(v.format) && p.reencryptAfterMoveSeconds > 0 ? [{ v, window: p.reencryptAfterMoveSeconds }] : [];
       });
       if (vols.length === 0) return;
       const at = now();

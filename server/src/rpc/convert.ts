@@ -26,8 +26,12 @@ export function formatFromApi(f: VolumeFormat): VolumeFormatName {
       return 'luks2';
     case VolumeFormat.VOLUME_FORMAT_PLAIN:
       return 'plain';
+    case VolumeFormat.VOLUME_FORMAT_RAW:
+      return 'raw';
+    case VolumeFormat.VOLUME_FORMAT_QCOW2:
+      return 'qcow2';
     default:
-      throw errors.invalid('unknown or unspecified volume format', { hint: 'formats: luks, qcow2-luks, luks2, plain' });
+      throw errors.invalid('unknown or unspecified volume format', { hint: 'formats: luks, qcow2-luks, luks2, plain, raw, qcow2 (unencrypted)' });
   }
 }
 

@@ -49,7 +49,11 @@ export function createKeyService(deps: KeyServiceDeps): KeyServiceServer {
       // Authorise every volume before releasing any (one query each: placement, volume and
       // active key). An unknown volume and a volume placed elsewhere get the same answer, so
       // a host cannot probe which volumes exist.
-      const found = ids.map((id) => ({ id, r: store.getReleasable(id, host.id) }));
+      const all = ids.map((id) => ({ id, r: store.getReleasable(id, host.id) }));
+      // An unencrypted volume placed on the host has no key: nothing to release, nothing to
+      // refuse (it is not in the answer and not audited).
+      const keyless = (id: string) => store.isVolumePlacedOnHost(id, host.id) && store.getVolume(id)?.activeVersion === 0;
+      const found = all.filter((f) => f.r !== undefined || !keyless(f.id));
       const refused = found.filter((f) => f.r === undefined).map((f) => f.id);
       if (refused.length > 0) {
         await store.write((tx) => {
@@ -63,6 +67,7 @@ export function createKeyService(deps: KeyServiceDeps): KeyServiceServer {
       const packets: SealedKeyPacket[] = found.map(({ r }) => vault.packetForHost(r!.volume, r!.key, recipient, issuedAt));
       const released = found.map(({ id, r }) => ({ id, version: r!.key.version }));
       const touch = now.getTime() - (lastTouch.get(host.id) ?? 0) >= TOUCH_INTERVAL_MS;
+      if (released.length === 0 && !touch) return { packets };
       await store.write((tx) => {
         for (const r of released) tx.appendAudit({ actor: actorOf(p), action: 'key.release', target: r.id, outcome: 'ok', detail: { key_version: r.version } });
         if (touch) tx.touchHost(host.id, issuedAt);

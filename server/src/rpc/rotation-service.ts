@@ -34,7 +34,12 @@ const MAX_SECONDS = 100 * 365 * 24 * 3600;
 /** Most rotations one watch follows by id. */
 const MAX_WATCH_IDS = 1000;
 
-const KIND_TO_API: Readonly<Record<RotationKindName, RotationKind>> = { rekey: RotationKind.ROTATION_KIND_REKEY, reencrypt: RotationKind.ROTATION_KIND_REENCRYPT };
+const KIND_TO_API: Readonly<Record<RotationKindName, RotationKind>> = {
+  rekey: RotationKind.ROTATION_KIND_REKEY,
+  reencrypt: RotationKind.ROTATION_KIND_REENCRYPT,
+  encrypt: RotationKind.ROTATION_KIND_ENCRYPT,
+  decrypt: RotationKind.ROTATION_KIND_DECRYPT,
+};
 const STATE_TO_API: Readonly<Record<RotationStateName, RotationState>> = {
   queued: RotationState.ROTATION_STATE_QUEUED,
   running: RotationState.ROTATION_STATE_RUNNING,
@@ -45,6 +50,8 @@ const STATE_TO_API: Readonly<Record<RotationStateName, RotationState>> = {
 export function kindFromApi(k: RotationKind, fallback?: RotationKindName): RotationKindName {
   if (k === RotationKind.ROTATION_KIND_REKEY) return 'rekey';
   if (k === RotationKind.ROTATION_KIND_REENCRYPT) return 'reencrypt';
+  if (k === RotationKind.ROTATION_KIND_ENCRYPT) return 'encrypt';
+  if (k === RotationKind.ROTATION_KIND_DECRYPT) return 'decrypt';
   if (k === RotationKind.ROTATION_KIND_UNSPECIFIED && fallback) return fallback;
   throw errors.invalid('unknown rotation kind');
 }
@@ -166,11 +173,14 @@ export function createRotationService(deps: RotationServiceDeps): RotationServic
       const pol = req.policy;
       if (!pol) throw errors.invalid('policy is required');
       const { scope, targetId } = policyTarget(store, pol.scope, pol.target);
+      const kind = kindFromApi(pol.kind, 'rekey');
+      // A schedule replaces keys; it never encrypts or decrypts a volume.
+      if (kind !== 'rekey' && kind !== 'reencrypt') throw errors.invalid('a policy kind is rekey or reencrypt');
       const record: RotationPolicyRecord = {
         scope,
         targetId,
         maxKeyAgeSeconds: seconds(pol.maxKeyAgeSeconds, 'max key age'),
-        kind: kindFromApi(pol.kind, 'rekey'),
+        kind,
         reencryptAfterMoveSeconds: seconds(pol.reencryptAfterMoveSeconds, 're-encryption window after a move'),
         updatedAt: clock.now().toISOString(),
       };

@@ -7,7 +7,7 @@ import type { VolumeServiceServer } from '../../../shared/src/api.js';
 import { errors } from '../../../shared/src/errors.js';
 import type { Clock } from '../domain/clock.js';
 import type { VolumeRecord } from '../domain/model.js';
-import { checkName, checkSize, compileCipherSpec, pageSize, secretLength } from '../domain/volume-spec.js';
+import { checkName, checkSize, compileCipherSpec, isUnencryptedFormat, pageSize, secretLength } from '../domain/volume-spec.js';
 import type { KeyVault } from '../vault/key-vault.js';
 import { actorOf } from './auth.js';
 import { formatFromApi, volumeToApi } from './convert.js';
@@ -35,12 +35,15 @@ export function createVolumeService(deps: VolumeServiceDeps): VolumeServiceServe
       const sizeBytes = checkSize(req.sizeBytes, spec.sectorSize);
       const id = randomUUID();
       const now = clock.now().toISOString();
-      const sealed = vault.newSealedSecret(id, 1, secretLength(format, spec));
-      const volume: VolumeRecord = { id, name, sizeBytes, format, cipher: spec.cipher, keySizeBits: spec.keySizeBits, sectorSize: spec.sectorSize, activeVersion: 1, createdAt: now };
+      // An unencrypted volume (raw, qcow2) has no secret and no key version at all; its
+      // cipher is kept for the day it is encrypted.
+      const encrypted = !isUnencryptedFormat(format);
+      const sealed = encrypted ? vault.newSealedSecret(id, 1, secretLength(format, spec)) : undefined;
+      const volume: VolumeRecord = { id, name, sizeBytes, format, cipher: spec.cipher, keySizeBits: spec.keySizeBits, sectorSize: spec.sectorSize, activeVersion: encrypted ? 1 : 0, createdAt: now };
       await store.write((tx) => {
         tx.insertVolume(volume);
-        tx.insertKeyVersion({ volumeId: id, version: 1, state: 'active', sealed, createdAt: now });
-        tx.appendAudit({ actor: actorOf(p), action: 'volume.create', target: id, outcome: 'ok', detail: { name, format, size: sizeBytes.toString(), cipher: spec.cipher, key_size_bits: spec.keySizeBits } });
+        if (sealed) tx.insertKeyVersion({ volumeId: id, version: 1, state: 'active', sealed, createdAt: now });
+        tx.appendAudit({ actor: actorOf(p), action: 'volume.create', target: id, outcome: 'ok', detail: { name, format, size: sizeBytes.toString(), cipher: spec.cipher, key_size_bits: spec.keySizeBits, encrypted } });
       });
       return { volume: show(volume) };
     }),

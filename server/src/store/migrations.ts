@@ -228,6 +228,118 @@ CREATE TABLE rotation_policies (
 ) STRICT;
 `,
   },
+  {
+    version: 4,
+    name: 'unencrypted-volumes',
+    // Unencrypted volumes (formats raw and qcow2: active_version 0, no key row) and the
+    // rotation kinds that convert them (encrypt, decrypt). SQLite cannot change a CHECK
+    // constraint in place, so volumes and rotations are rebuilt. The store migrates with
+    // foreign keys on and inside one transaction (where PRAGMA foreign_keys cannot be
+    // switched off), so dropping the old volumes table while key_versions, guest_volumes,
+    // volume_status and rotations still referenced it would cascade-delete their rows:
+    // every table that references volumes is rebuilt too, as a copy that references the
+    // new table, and the old ones are dropped children first. Renaming volumes_v4 to
+    // volumes then rewrites the copies' REFERENCES clauses (SQLite >= 3.26 without
+    // legacy_alter_table). Indexes go with their tables and are created again.
+    sql: `
+CREATE TABLE volumes_v4 (
+  id              TEXT PRIMARY KEY,
+  name            TEXT NOT NULL UNIQUE,
+  size_bytes      INTEGER NOT NULL CHECK (size_bytes >= 0),
+  format          TEXT NOT NULL CHECK (format IN ('luks', 'qcow2-luks', 'luks2', 'plain', 'raw', 'qcow2')),
+  cipher          TEXT NOT NULL,
+  key_size_bits   INTEGER NOT NULL,
+  sector_size     INTEGER NOT NULL,
+  active_version  INTEGER NOT NULL CHECK (active_version >= 0),
+  created_at      TEXT NOT NULL,
+  materialized_at TEXT,
+  -- An unencrypted volume has no key version; an encrypted one always has an active one.
+  CHECK ((format IN ('raw', 'qcow2')) = (active_version = 0))
+) STRICT;
+INSERT INTO volumes_v4 (id, name, size_bytes, format, cipher, key_size_bits, sector_size, active_version, created_at, materialized_at)
+  SELECT id, name, size_bytes, format, cipher, key_size_bits, sector_size, active_version, created_at, materialized_at FROM volumes;
+
+CREATE TABLE key_versions_v4 (
+  volume_id     TEXT NOT NULL REFERENCES volumes_v4(id) ON DELETE CASCADE,
+  version       INTEGER NOT NULL CHECK (version >= 1),
+  state         TEXT NOT NULL CHECK (state IN ('pending', 'active', 'retired', 'destroyed')),
+  sealed        BLOB,
+  created_at    TEXT NOT NULL,
+  retired_at    TEXT,
+  destroy_after TEXT,
+  PRIMARY KEY (volume_id, version)
+) STRICT;
+INSERT INTO key_versions_v4 (volume_id, version, state, sealed, created_at, retired_at, destroy_after)
+  SELECT volume_id, version, state, sealed, created_at, retired_at, destroy_after FROM key_versions;
+
+CREATE TABLE guest_volumes_v4 (
+  guest_id  TEXT NOT NULL REFERENCES guests(id) ON DELETE CASCADE,
+  volume_id TEXT NOT NULL REFERENCES volumes_v4(id) ON DELETE CASCADE,
+  position  INTEGER NOT NULL,
+  PRIMARY KEY (guest_id, position),
+  UNIQUE (guest_id, volume_id)
+) STRICT;
+INSERT INTO guest_volumes_v4 (guest_id, volume_id, position) SELECT guest_id, volume_id, position FROM guest_volumes;
+
+CREATE TABLE volume_status_v4 (
+  volume_id   TEXT NOT NULL REFERENCES volumes_v4(id) ON DELETE CASCADE,
+  host_id     TEXT NOT NULL REFERENCES hosts(id),
+  key_version INTEGER NOT NULL,
+  phase       TEXT NOT NULL,
+  reason      TEXT NOT NULL,
+  reported_at TEXT NOT NULL,
+  PRIMARY KEY (volume_id, host_id)
+) STRICT;
+INSERT INTO volume_status_v4 (volume_id, host_id, key_version, phase, reason, reported_at)
+  SELECT volume_id, host_id, key_version, phase, reason, reported_at FROM volume_status;
+
+CREATE TABLE rotations_v4 (
+  id               TEXT PRIMARY KEY,
+  volume_id        TEXT NOT NULL REFERENCES volumes_v4(id) ON DELETE CASCADE,
+  kind             TEXT NOT NULL CHECK (kind IN ('rekey', 'reencrypt', 'encrypt', 'decrypt')),
+  state            TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+  reason           TEXT NOT NULL,
+  priority         INTEGER NOT NULL,
+  due_at           TEXT,
+  from_version     INTEGER NOT NULL,
+  to_version       INTEGER NOT NULL,
+  host_id          TEXT REFERENCES hosts(id),
+  step             TEXT NOT NULL,
+  bytes_done       INTEGER NOT NULL,
+  bytes_total      INTEGER NOT NULL,
+  bytes_per_second INTEGER NOT NULL,
+  error            TEXT NOT NULL,
+  mechanism        TEXT NOT NULL,
+  requested_by     TEXT NOT NULL,
+  created_at       TEXT NOT NULL,
+  started_at       TEXT,
+  finished_at      TEXT
+) STRICT;
+INSERT INTO rotations_v4 (id, volume_id, kind, state, reason, priority, due_at, from_version, to_version, host_id, step, bytes_done, bytes_total,
+                          bytes_per_second, error, mechanism, requested_by, created_at, started_at, finished_at)
+  SELECT id, volume_id, kind, state, reason, priority, due_at, from_version, to_version, host_id, step, bytes_done, bytes_total,
+         bytes_per_second, error, mechanism, requested_by, created_at, started_at, finished_at FROM rotations;
+
+DROP TABLE rotations;
+DROP TABLE volume_status;
+DROP TABLE guest_volumes;
+DROP TABLE key_versions;
+DROP TABLE volumes;
+ALTER TABLE volumes_v4 RENAME TO volumes;
+ALTER TABLE key_versions_v4 RENAME TO key_versions;
+ALTER TABLE guest_volumes_v4 RENAME TO guest_volumes;
+ALTER TABLE volume_status_v4 RENAME TO volume_status;
+ALTER TABLE rotations_v4 RENAME TO rotations;
+
+CREATE INDEX key_versions_retired ON key_versions(destroy_after) WHERE state = 'retired';
+CREATE INDEX guest_volumes_by_volume ON guest_volumes(volume_id, guest_id);
+CREATE INDEX volume_status_by_host ON volume_status(host_id);
+CREATE UNIQUE INDEX rotations_one_open_per_volume ON rotations(volume_id) WHERE state IN ('queued', 'running');
+CREATE INDEX rotations_by_state ON rotations(state, priority DESC, due_at, created_at);
+CREATE INDEX rotations_by_host ON rotations(host_id, state);
+CREATE INDEX rotations_by_volume ON rotations(volume_id, created_at);
+`,
+  },
 ]);
 
 /** The schema version this code writes: the newest migration's version. */

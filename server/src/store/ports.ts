@@ -149,6 +149,8 @@ export interface StoreWriter extends StoreReader {
   deleteVolume(id: string): void;
   insertKeyVersion(k: KeyVersionRecord): void;
   setActiveVersion(volumeId: string, version: number): void;
+  /** Encrypt/decrypt: the volume's format and active version (0: none) change together. */
+  setVolumeFormat(volumeId: string, format: VolumeFormatName, activeVersion: number): void;
 
   /** Inserts or replaces a guest and its volume links. */
   upsertGuest(g: GuestRecord): void;

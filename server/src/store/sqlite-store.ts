@@ -239,6 +239,7 @@ function prepareStatements(db: Database.Database) {
     deleteVolumeLinks: db.prepare<[string]>('DELETE FROM guest_volumes WHERE volume_id = ?'),
     deleteVolumeKeys: db.prepare<[string]>('DELETE FROM key_versions WHERE volume_id = ?'),
     setVolumeActiveVersion: db.prepare<[number, string]>('UPDATE volumes SET active_version = ? WHERE id = ?'),
+    setVolumeFormat: db.prepare<[string, number, string]>('UPDATE volumes SET format = ?, active_version = ? WHERE id = ?'),
     guestNamesOfVolume: db
       .prepare<[string], string>(
         'SELECT g.name FROM guest_volumes gv JOIN guests g ON g.id = gv.guest_id WHERE gv.volume_id = ? ORDER BY g.name',
@@ -953,6 +954,25 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     this.#s.retireOtherActive.run(volumeId, version);
     this.#s.activateKeyVersion.run(volumeId, version);
     this.#s.setVolumeActiveVersion.run(version, volumeId);
+  }
+
+  /**
+   * Encrypting or decrypting a volume: its format and active version change together (one
+   * statement: the schema ties unencrypted formats to version 0). A version > 0 becomes
+   * the active one as in setActiveVersion; 0 leaves the volume without an active version
+   * (the caller retires the old one).
+   */
+  setVolumeFormat(volumeId: string, format: VolumeFormatName, activeVersion: number): void {
+    this.#assertInUnit();
+    if (this.#s.volumeExists.get(volumeId) === undefined) throw errors.notFound('volume');
+    if (activeVersion > 0) {
+      const k = this.#s.getKeyVersion.get(volumeId, activeVersion);
+      if (k === undefined) throw errors.notFound('key version');
+      if (k.state === 'destroyed' || k.sealed === null) throw errors.precondition('key version is destroyed');
+      this.#s.retireOtherActive.run(volumeId, activeVersion);
+      this.#s.activateKeyVersion.run(volumeId, activeVersion);
+    }
+    run(() => this.#s.setVolumeFormat.run(format, activeVersion, volumeId), {});
   }
 
   upsertGuest(g: GuestRecord): void {
