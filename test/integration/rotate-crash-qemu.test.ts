@@ -16,162 +16,30 @@
  * old key does not open, no backup or copy is left. The keys of one mechanism form a chain
  * (point i rotates key i to key i+1) on one image, so the data survives every point.
  *
- * VIRTKM_CRASH_POINTS sets the number of kill points per mechanism (default 20).
+ * VIRTKM_CRASH_POINTS sets the number of kill points per mechanism (default 20). The runner
+ * and the kill code are test/fixtures/rotate/crash-runner.ts.
  */
 import anyTest, { type TestFn } from 'ava';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createHostImageStore } from '../../host-agent/src/images/image-store.js';
 import type { RotationJob, RotationKind } from '../../host-agent/src/rotate/types.js';
 import { awkwardSecret, removeDir, tempDir } from '../fixtures/images/image-helpers.js';
-import { serialiseJob } from '../fixtures/rotate/run-mechanism.js';
+import { killAfter, startRunner as startMechanism, withTimeout, type KillMode } from '../fixtures/rotate/crash-runner.js';
 import { job, patternIntact, rotationFiles, testSpec, writePattern } from '../fixtures/rotate/qemu-rotate-helpers.js';
 
 const test = anyTest as TestFn;
 const store = createHostImageStore();
 const POINTS = Math.max(1, Number(process.env['VIRTKM_CRASH_POINTS'] ?? 20));
-const RUNNER = fileURLToPath(new URL('../fixtures/rotate/run-mechanism.js', import.meta.url));
 const MECHANISMS = {
   rekey: { module: fileURLToPath(new URL('../../host-agent/src/rotate/qemu-rekey.js', import.meta.url)), factory: 'createQemuRekey', kind: 'rekey' as RotationKind },
   convert: { module: fileURLToPath(new URL('../../host-agent/src/rotate/qemu-convert.js', import.meta.url)), factory: 'createQemuConvert', kind: 'reencrypt' as RotationKind },
 };
-const TOOLS = new Set(['qemu-img', 'qemu-io']);
 /** The step from which anchored kill points count their delay. */
 const LATE_STEP: Record<keyof typeof MECHANISMS, string> = { rekey: 'removing old keyslot', convert: 'copying' };
 
-type KillMode = 'tool' | 'runner+tool' | 'runner';
-
-interface Started {
-  child: ChildProcess;
-  /** Resolves with the exit and the JSON lines printed. */
-  done: Promise<{ code: number | null; signal: NodeJS.Signals | null; lines: Record<string, unknown>[] }>;
-  /** The last progress step printed so far. */
-  lastStep: () => string;
-  /** When (Date.now()) a step was first printed. */
-  stepSeenAt: Map<string, number>;
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** Starts the runner with the job on stdin. */
-function startRunner(mechanism: keyof typeof MECHANISMS, j: RotationJob): Started {
-  const m = MECHANISMS[mechanism];
-  const child = spawn(process.execPath, [RUNNER, m.module, m.factory], { stdio: ['pipe', 'pipe', 'pipe'] });
-  let out = '';
-  let step = 'starting';
-  const stepSeenAt = new Map<string, number>();
-  child.stdout?.on('data', (c: Buffer) => {
-    out += c.toString('utf8');
-    const steps = [...out.matchAll(/"step":"([^"]+)"/g)].map((m) => m[1] ?? '');
-    for (const s of steps) if (!stepSeenAt.has(s)) stepSeenAt.set(s, Date.now());
-    step = steps.at(-1) ?? step;
-  });
-  child.stderr?.on('data', () => undefined);
-  child.stdin?.on('error', () => undefined);
-  child.stdin?.end(serialiseJob(j));
-  const done = new Promise<{ code: number | null; signal: NodeJS.Signals | null; lines: Record<string, unknown>[] }>((resolve) => {
-    child.once('close', (code, signal) => {
-      const lines = out
-        .split('\n')
-        .filter((l) => l.trim() !== '')
-        .map((l) => {
-          try {
-            return JSON.parse(l) as Record<string, unknown>;
-          } catch {
-            return { unparsed: l };
-          }
-        });
-      resolve({ code, signal, lines });
-    });
-  });
-  return { child, done, lastStep: () => step, stepSeenAt };
-}
-
-/**
- * qemu-img / qemu-io processes working on files in `dir` (their argv names the image).
- * Found through /proc rather than the runner's children: once the runner is killed its
- * tools are orphans that belong to init.
- */
-async function toolsUsing(dir: string): Promise<number[]> {
-  const out: number[] = [];
-  for (const name of await readdir('/proc')) {
-    if (!/^\d+$/.test(name)) continue;
-    const pid = Number(name);
-    if (!TOOLS.has(await comm(pid))) continue;
-    const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.includes(dir) && (await alive(pid))) out.push(pid);
-  }
-  return out;
-}
-
-async function comm(pid: number): Promise<string> {
-  return (await readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '')).trim();
-}
-
-/** True while the process exists and is not a zombie. */
-async function alive(pid: number): Promise<boolean> {
-  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
-  if (stat === '') return false;
-  const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-  return state !== 'Z' && state !== 'X';
-}
-
-function kill9(pid: number): void {
-  try {
-    process.kill(pid, 'SIGKILL');
-  } catch {
-    // Already gone.
-  }
-}
-
-async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  try {
-    return await Promise.race([p, new Promise<never>((_r, reject) => (timer = setTimeout(() => reject(new Error(`${what} took longer than ${ms} ms`)), ms)))]);
-  } finally {
-    if (timer) clearTimeout(timer);
-  }
-}
-
-/**
- * Waits `delayMs`, then kills as `mode` says. Returns what was hit: 'finished' when the
- * run ended first, else the mode actually used and the step the run was in.
- */
-async function killAfter(run: Started, dir: string, delayMs: number, mode: KillMode, anchor?: string): Promise<{ hit: string; step: string }> {
-  const pid = run.child.pid ?? -1;
-  // An anchored point counts its delay from the moment the run reaches that step.
-  const deadline0 = Date.now() + 300_000;
-  let ended = false;
-  void run.done.then(() => (ended = true));
-  while (anchor !== undefined && !run.stepSeenAt.has(anchor) && !ended && Date.now() < deadline0) await sleep(5);
-  const exited = await Promise.race([run.done.then(() => true), sleep(delayMs).then(() => false)]);
-  if (exited) return { hit: 'finished', step: run.lastStep() };
-  const step = run.lastStep();
-  if (mode === 'tool') {
-    const tool = (await toolsUsing(dir))[0];
-    if (tool !== undefined) {
-      const name = (await comm(tool)) || '(ended)';
-      kill9(tool);
-      // The runner sees its tool die and goes on or fails on its own.
-      await withTimeout(run.done, 180_000, 'the runner after its tool was killed');
-      return { hit: `tool ${name}`, step };
-    }
-  }
-  kill9(pid);
-  await withTimeout(run.done, 30_000, 'the killed runner');
-  // Its tools: killed too (what a service manager does to the cgroup of a dead agent), or
-  // left to finish on their own; either way the restarted agent finds them gone.
-  const orphans = await toolsUsing(dir);
-  if (mode !== 'runner') for (const t of orphans) kill9(t);
-  const deadline = Date.now() + 120_000;
-  while ((await toolsUsing(dir)).length > 0) {
-    if (Date.now() > deadline) throw new Error('an orphaned tool did not end');
-    await sleep(50);
-  }
-  return { hit: orphans.length > 0 && mode === 'runner' ? 'runner (tool left to finish)' : 'runner', step };
-}
+/** Starts the runner of one of this file's mechanisms with the job on stdin. */
+const startRunner = (mechanism: keyof typeof MECHANISMS, j: RotationJob) => startMechanism(MECHANISMS[mechanism], j);
 
 /**
  * Whether a key opens the image; an unreadable header counts as "no". Asked only once no
