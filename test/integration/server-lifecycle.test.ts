@@ -3,7 +3,8 @@
  * process hygiene, restart keeps data.
  */
 import test from 'ava';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { kernelDiscardsLockedPages, madviseShimPath, mayLockUnlimited } from '../../shared/src/memory-lock.js';
 import { join } from 'node:path';
 import { cli, initDataDir, runServerCommand, startServer, tempDir, waitForLog } from '../helpers/server-harness.js';
 
@@ -36,23 +37,57 @@ test('a passphrase-sealed server starts only with the right passphrase and keeps
   }
 });
 
-test('the server process is non-dumpable and locks its key memory (not the whole process)', async (t) => {
-  // mlockall() aborts V8 at its first heap shrink (see shared/src/process-hygiene.ts): the
-  // server locks a key arena instead (shared/src/locked-memory.ts) and says so.
+/** Rss-proportional (Pss) and locked kB of a process, from /proc/<pid>/smaps_rollup. */
+function lockedOf(pid: number): { pssKb: number; lockedKb: number; vmLckKb: number; vmRssKb: number } {
+  const rollup = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = (text: string, field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB$`, 'm').exec(text)?.[1] ?? -1);
+  return { pssKb: kb(rollup, 'Pss'), lockedKb: kb(rollup, 'Locked'), vmLckKb: kb(status, 'VmLck'), vmRssKb: kb(status, 'VmRSS') };
+}
+
+const wholeLockSkip = !existsSync(madviseShimPath()) ? 'the madvise library is not built' : !mayLockUnlimited() ? 'no CAP_IPC_LOCK and a finite RLIMIT_MEMLOCK' : !kernelDiscardsLockedPages() ? 'the kernel has no MADV_DONTNEED_LOCKED' : undefined;
+const wholeLockTest = wholeLockSkip ? test.skip : test;
+
+wholeLockTest(`the server process is non-dumpable and locks all of its memory (the default --memory-lock auto)${wholeLockSkip ? ` [skipped: ${wholeLockSkip}]` : ''}`, async (t) => {
   const dir = tempDir();
   const data = join(dir.path, 'data');
   try {
     initDataDir(data);
     const server = await startServer(data);
-    const status = readFileSync(`/proc/${server.proc.pid}/status`, 'utf8');
-    t.regex(await waitForLog(server, /"msg":"starting"/), /"msg":"starting".*"dumpable":false,"memory_locked":false,"secrets_locked":true/);
-    const locked = Number(/VmLck:\s+(\d+)/.exec(status)?.[1] ?? '-1');
-    const rss = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? '-1');
-    t.true(locked >= 1024 && locked < rss, `the key arena is locked, not the whole process (VmLck ${locked} kB, VmRSS ${rss} kB)`);
+    t.regex(await waitForLog(server, /"msg":"starting"/), /"msg":"starting".*"dumpable":false,"memory_locked":true,"secrets_locked":true/);
+    const m = lockedOf(server.proc.pid!);
+    t.true(m.lockedKb >= m.pssKb - 64, `every resident page is locked: Locked ${m.lockedKb} kB, Pss ${m.pssKb} kB`);
+    t.true(m.vmLckKb > m.vmRssKb, 'VmLck covers all mappings');
+    // Serves normally while locked: a write and a read over mTLS.
+    const admin = ['--server', server.address, '--credentials', join(data, 'admin.pem')];
+    t.is((await cli([...admin, 'volume', 'create', 'locked-1', '--size', '1G', '--format', 'luks'])).code, 0);
+    t.is((await cli([...admin, 'volume', 'show', 'locked-1'])).code, 0);
     t.is(await server.stop(), 0);
   } finally {
     dir.remove();
   }
+});
+
+test('with --memory-lock off the server locks only its key arena and says why', async (t) => {
+  const dir = tempDir();
+  const data = join(dir.path, 'data');
+  try {
+    initDataDir(data);
+    const server = await startServer(data, ['--memory-lock', 'off']);
+    t.regex(await waitForLog(server, /"msg":"starting"/), /"msg":"starting".*"dumpable":false,"memory_locked":false,"secrets_locked":true/);
+    const m = lockedOf(server.proc.pid!);
+    t.true(m.vmLckKb >= 1024 && m.vmLckKb < m.vmRssKb, `the key arena is locked, not the whole process (VmLck ${m.vmLckKb} kB, VmRSS ${m.vmRssKb} kB)`);
+    t.false(readFileSync(`/proc/${server.proc.pid!}/maps`, 'utf8').includes('libvirtkm-madvise-locked.so'), 'no relaunch with the library');
+    t.is(await server.stop(), 0);
+  } finally {
+    dir.remove();
+  }
+});
+
+test('an unknown --memory-lock mode is refused', (t) => {
+  const r = runServerCommand(['run', '--data-dir', '/nonexistent', '--memory-lock', 'sometimes']);
+  t.is(r.code, 2, 'invalid arguments exit with 2');
+  t.regex(r.stderr, /--memory-lock must be one of auto, require, off/);
 });
 
 test('a second server on the same data directory refuses to start and the first keeps serving', async (t) => {
