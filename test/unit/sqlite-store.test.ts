@@ -1,5 +1,6 @@
 // Unit tests of the SQLite store: schema, CRUD, group commit, pagination, audit chain on
-// disk (tampering through a raw connection) and crypto-shredding with secure_delete.
+// disk (tampering through a raw connection), crypto-shredding with secure_delete, and the
+// durability modes (the WAL fdatasync off the event loop).
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -9,8 +10,11 @@ import anyTest from 'ava';
 import type { ExecutionContext, TestFn } from 'ava';
 import Database from 'better-sqlite3';
 
+import { fdatasyncFd } from '../../shared/src/durable-fs.js';
 import { DomainError } from '../../shared/src/errors.js';
 import type { ErrorKind } from '../../shared/src/errors.js';
+import { createLogger } from '../../shared/src/log.js';
+import type { Logger } from '../../shared/src/log.js';
 import type { CertificateRecord, EnrollmentTokenRecord, GuestRecord, HostRecord, VolumeRecord } from '../../server/src/domain/model.js';
 import { LATEST_SCHEMA_VERSION } from '../../server/src/store/migrations.js';
 import { openSqliteStore } from '../../server/src/store/sqlite-store.js';
@@ -783,4 +787,270 @@ test('getReleasable returns volume and active key only when placed on the host a
   });
   await rejectsKind(t, store.write((tx) => tx.setActiveVersion('vol-a', 2)), 'failed_precondition');
   t.is(store.getReleasable('vol-a', 'host-h1')?.key.version, 1, 'a destroyed version never becomes the released one');
+});
+
+// ----- durability: the WAL sync off the event loop ---------------------------------------
+
+/**
+ * A syncWal fake whose calls complete only when the test says so (all of them at teardown,
+ * so that closing the store after a failed assertion does not wait forever).
+ */
+function controlledSync(t: ExecutionContext<Ctx>): { syncWal: (fd: number) => Promise<void>; calls: { fd: number; done: () => void; fail: (e: Error) => void }[] } {
+  const calls: { fd: number; done: () => void; fail: (e: Error) => void }[] = [];
+  t.teardown(() => {
+    for (const c of calls) c.done();
+  });
+  return {
+    calls,
+    syncWal: (fd) =>
+      new Promise<void>((resolve, reject) => {
+        calls.push({ fd, done: resolve, fail: reject });
+      }),
+  };
+}
+
+/** Lets queued batches run and settled promises propagate (several event-loop turns). */
+async function turns(n = 5): Promise<void> {
+  for (let i = 0; i < n; i++) await new Promise<void>((resolve) => setImmediate(resolve));
+}
+
+/** Tracks whether a promise has settled, without awaiting it. */
+function track<T>(p: Promise<T>): { settled: () => boolean; p: Promise<T> } {
+  let settled = false;
+  p.then(
+    () => (settled = true),
+    () => (settled = true),
+  );
+  return { settled: () => settled, p };
+}
+
+function captureLogger(): { logger: Logger; lines: () => Record<string, unknown>[] } {
+  const out: string[] = [];
+  return { logger: createLogger({ component: 'store', level: 'debug', write: (l) => out.push(l) }), lines: () => out.map((l) => JSON.parse(l) as Record<string, unknown>) };
+}
+
+test('durability: the default is async-wal-sync with synchronous=NORMAL; full-sync keeps FULL', async (t) => {
+  const store = t.context.open();
+  t.deepEqual(store.durabilitySettings(), { durability: 'async-wal-sync', journalMode: 'wal', synchronous: 'normal' });
+  await store.close();
+  const full = t.context.open({ durability: 'full-sync' });
+  t.deepEqual(full.durabilitySettings(), { durability: 'full-sync', journalMode: 'wal', synchronous: 'full' });
+  await full.write((tx) => tx.setSetting('k', 'v'));
+  t.is(full.stats().walSyncs, 0, 'full-sync: SQLite syncs inside COMMIT, the store does not');
+  t.throws(() => openSqliteStore({ path: t.context.dbPath, durability: 'fast' as never }), { instanceOf: DomainError, message: /durability/ });
+});
+
+test('durability: a unit resolves only after the fdatasync started after its COMMIT completed', async (t) => {
+  const sync = controlledSync(t);
+  const store = t.context.open({ syncWal: sync.syncWal });
+  const a = track(store.write((tx) => tx.insertVolume(volume('a'))));
+  await turns();
+  t.is(store.stats().commits, 1, 'batch 1 committed');
+  t.is(sync.calls.length, 1, 'its sync started');
+  t.false(a.settled(), 'not resolved while its sync is in flight');
+  t.truthy(store.getVolume('vol-a'), 'committed: visible to reads');
+
+  // Batch 2 commits while sync 1 is in flight (pipelining), but sync 1 does not cover it.
+  const b = track(store.write((tx) => tx.insertVolume(volume('b'))));
+  await turns();
+  t.is(store.stats().commits, 2);
+  t.is(sync.calls.length, 1, 'one sync in flight at a time');
+  sync.calls[0]!.done();
+  await a.p;
+  await turns();
+  t.false(b.settled(), 'b committed after sync 1 started: not durable yet');
+  t.is(sync.calls.length, 2, 'the next sync starts once the first completes');
+  sync.calls[1]!.done();
+  await b.p;
+  t.is(store.stats().walSyncs, 2);
+});
+
+test('durability: syncs coalesce; many concurrent units all resolve with fewer syncs than commits', async (t) => {
+  const sync = controlledSync(t);
+  const store = t.context.open({ syncWal: sync.syncWal, maxBatch: 8 });
+  const first = store.write((tx) => tx.setSetting('first', '1'));
+  await turns();
+  t.is(sync.calls.length, 1);
+  // 10 waves of 20 units commit (batches of at most 8) while sync 1 is held.
+  const rest: Promise<unknown>[] = [];
+  for (let w = 0; w < 10; w++) {
+    for (let i = 0; i < 20; i++) rest.push(store.write((tx) => tx.insertVolume(volume(`w${w}-${i}`))));
+    await turns(1);
+  }
+  await turns(40); // one batch per turn
+  const commits = store.stats().commits;
+  t.true(commits >= 1 + 200 / 8, `${commits} commits`);
+  t.is(sync.calls.length, 1, 'still one sync in flight');
+  sync.calls[0]!.done();
+  await first;
+  await turns();
+  t.is(sync.calls.length, 2, 'one sync covers everything committed meanwhile');
+  sync.calls[1]!.done();
+  const results = await Promise.allSettled(rest);
+  t.true(results.every((r) => r.status === 'fulfilled'));
+  t.is(store.stats().walSyncs, 2);
+  t.is(store.countVolumes(), 200);
+});
+
+test('durability: with the real fdatasync, 2,000 concurrent units all resolve, commits < units, syncs <= commits', async (t) => {
+  const store = t.context.open();
+  const all: Promise<number>[] = [];
+  for (let w = 0; w < 20; w++) {
+    for (let i = 0; i < 100; i++) {
+      const n = w * 100 + i;
+      all.push(
+        store.write((tx) => {
+          tx.appendAudit({ actor: 'host:h', action: 'key.release', target: `vol-${n}`, outcome: 'ok', detail: { n } });
+          return n;
+        }),
+      );
+    }
+    await turns(1);
+  }
+  const values = await Promise.all(all);
+  t.deepEqual(
+    values,
+    Array.from({ length: 2000 }, (_, i) => i),
+  );
+  const s = store.stats();
+  t.is(s.units, 2000);
+  t.true(s.commits < s.units, `${s.commits} commits`);
+  t.true(s.walSyncs >= 1 && s.walSyncs <= s.commits, `${s.walSyncs} syncs, ${s.commits} commits`);
+  t.true(store.verifyAuditLog().ok);
+  await store.close();
+  t.is(t.context.open().verifyAuditLog().eventsChecked, 2000, 'all there after reopen');
+});
+
+test('durability: the real sync gets a descriptor of the -wal file SQLite writes, also after a shred checkpoint', async (t) => {
+  const seen: { ino: number; walIno: number; size: number }[] = [];
+  const store = t.context.open({
+    syncWal: async (fd) => {
+      const own = fs.fstatSync(fd);
+      seen.push({ ino: own.ino, walIno: fs.statSync(`${t.context.dbPath}-wal`).ino, size: own.size });
+      await fdatasyncFd(fd);
+    },
+  });
+  await store.write((tx) => {
+    tx.insertVolume(volume('gone'));
+    tx.insertKeyVersion({ volumeId: 'vol-gone', version: 1, state: 'active', sealed: crypto.randomBytes(64), createdAt: NOW });
+  });
+  t.is(seen.length, 1);
+  t.is(seen[0]!.ino, seen[0]!.walIno, 'same inode as the -wal path');
+  t.true(seen[0]!.size > 0, 'the file the COMMIT appended to');
+  // A delete of sealed secrets checkpoints with TRUNCATE: same file, now empty, still synced.
+  await store.write((tx) => tx.deleteVolume('vol-gone'));
+  t.is(seen.length, 2);
+  t.is(seen[1]!.ino, seen[0]!.ino, 'a truncate keeps the inode; same descriptor');
+  t.is(seen[1]!.size, 0, 'the sync came after the truncating checkpoint');
+  await store.write((tx) => tx.setSetting('after', 'x'));
+  t.is(seen[2]!.ino, seen[0]!.ino);
+});
+
+test('durability: a -wal file removed under the store: the sync still reaches the file SQLite writes', async (t) => {
+  const log = captureLogger();
+  const synced: number[] = [];
+  const store = t.context.open({
+    logger: log.logger,
+    syncWal: async (fd) => {
+      synced.push(fs.fstatSync(fd).ino);
+      await fdatasyncFd(fd);
+    },
+  });
+  await store.write((tx) => tx.insertVolume(volume('before')));
+  const walIno = fs.statSync(`${t.context.dbPath}-wal`).ino;
+  fs.unlinkSync(`${t.context.dbPath}-wal`);
+  await store.write((tx) => tx.insertVolume(volume('after')));
+  await store.write((tx) => tx.insertVolume(volume('after2')));
+  t.deepEqual(synced, [walIno, walIno, walIno], 'the deleted file SQLite still appends to');
+  t.is(log.lines().filter((l) => l.level === 'warn' && /no longer names/.test(String(l.msg))).length, 1, 'warned once');
+  await store.close();
+  const again = t.context.open();
+  t.truthy(again.getVolumeByName('after2'), 'checkpointed into the database on close');
+});
+
+test('durability: a failed fdatasync rejects its units and every later write, with one clear log line', async (t) => {
+  const sync = controlledSync(t);
+  const log = captureLogger();
+  const store = t.context.open({ syncWal: sync.syncWal, logger: log.logger });
+  const a = store.write((tx) => tx.insertVolume(volume('a')));
+  const boom = new Error('own failure');
+  const own = store.write(() => {
+    throw boom;
+  });
+  await turns();
+  const b = store.write((tx) => tx.insertVolume(volume('b'))); // commits while sync 1 is in flight
+  await turns();
+  t.is(store.stats().commits, 2);
+  const eio = Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' });
+  sync.calls[0]!.fail(eio);
+  const errA = await rejectsKind(t, a, 'unavailable');
+  t.is(errA.cause, eio);
+  await t.throwsAsync(own, { is: boom }, 'a unit that threw keeps its own error');
+  await rejectsKind(t, b, 'unavailable');
+  // Later writes are refused, whether queued now or later; no further sync is attempted.
+  await rejectsKind(t, store.write((tx) => tx.insertVolume(volume('c'))), 'unavailable');
+  t.is(sync.calls.length, 1);
+  t.is(store.getVolume('vol-c'), undefined);
+  const errors = log.lines().filter((l) => l.level === 'error');
+  t.is(errors.length, 1);
+  t.regex(String(errors[0]!.msg), /fdatasync of the SQLite WAL failed.*refuses all further writes/);
+  t.regex(String(errors[0]!.error), /EIO/);
+  await store.close();
+});
+
+test('durability: a unit queued when the sync fails is rejected without running', async (t) => {
+  const sync = controlledSync(t);
+  const store = t.context.open({ syncWal: sync.syncWal });
+  const a = store.write((tx) => tx.insertVolume(volume('a')));
+  await turns();
+  let ran = false;
+  // Queued in the same turn as the failure: its batch runs after the store failed.
+  sync.calls[0]!.fail(new Error('EIO'));
+  const late = store.write((tx) => {
+    ran = true;
+    tx.insertVolume(volume('late'));
+  });
+  await rejectsKind(t, a, 'unavailable');
+  await rejectsKind(t, late, 'unavailable');
+  t.false(ran);
+});
+
+test('durability: close waits for the sync in flight, then closes', async (t) => {
+  const sync = controlledSync(t);
+  const store = t.context.open({ syncWal: sync.syncWal });
+  const a = track(store.write((tx) => tx.insertVolume(volume('a'))));
+  await turns();
+  const closed = track(store.close());
+  await turns();
+  t.false(closed.settled(), 'close waits for durability');
+  t.false(a.settled());
+  sync.calls[0]!.done();
+  await a.p;
+  await closed.p;
+  t.truthy(t.context.open().getVolumeByName('a'));
+});
+
+test('durability: an in-memory store resolves without any WAL sync', async (t) => {
+  let calls = 0;
+  const store = openSqliteStore({
+    path: ':memory:',
+    syncWal: () => {
+      calls++;
+      return Promise.resolve();
+    },
+  });
+  await store.write((tx) => tx.insertVolume(volume('m')));
+  t.is(calls, 0);
+  t.is(store.stats().walSyncs, 0);
+  await store.close();
+});
+
+test('durability: fdatasyncFd (the default syncWal) really calls fdatasync: ok on an open file, EBADF on a closed descriptor', async (t) => {
+  const file = path.join(t.context.dir, 'f');
+  fs.writeFileSync(file, 'x');
+  const fd = fs.openSync(file, 'r');
+  await t.notThrowsAsync(fdatasyncFd(fd));
+  fs.closeSync(fd);
+  const err = await t.throwsAsync(fdatasyncFd(fd));
+  t.is((err as NodeJS.ErrnoException | undefined)?.code, 'EBADF');
 });

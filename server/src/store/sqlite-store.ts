@@ -1,24 +1,44 @@
 /**
  * SQLite adapter of the Store port (better-sqlite3, synchronous API).
  *
- * Durability and confidentiality settings: WAL journal with synchronous=FULL (a write
- * resolves only once fsynced), foreign keys on, secure_delete on (deleted sealed secrets
- * are overwritten with zeros in the file: crypto-shredding), temporary data kept in
- * memory, the database file created with mode 0600.
+ * Durability and confidentiality settings: WAL journal, a write resolves only once it is
+ * durable (see "durability" below), foreign keys on, secure_delete on (deleted sealed
+ * secrets are overwritten with zeros in the file: crypto-shredding), temporary data kept
+ * in memory, the database file created with mode 0600.
  *
  * Writes use group commit: units queued during one event-loop turn run on the next turn
  * inside ONE `BEGIN IMMEDIATE ... COMMIT`, each in its own SAVEPOINT so that a failing
  * unit is rolled back alone. One fsync is shared by the whole batch, which is what makes
  * thousands of audited key releases per second possible.
  *
+ * Durability, two modes with the same guarantee (docs/architecture.md):
+ * - 'full-sync': synchronous=FULL, SQLite fsyncs the WAL inside every COMMIT, on the event
+ *   loop (it blocks the whole server for the length of one disk flush per batch).
+ * - 'async-wal-sync' (default): synchronous=NORMAL, which in WAL mode is FULL minus the
+ *   per-commit sync of the WAL file (NORMAL still syncs the WAL before and the database
+ *   after every checkpoint), plus that missing sync done by the store itself: an
+ *   fdatasync of the -wal file on libuv's thread pool after the COMMIT, and the batch's
+ *   promises resolve only once an fdatasync that STARTED after their COMMIT has
+ *   completed. Batches pipeline: the next batch may commit while the previous one's sync
+ *   is in flight; one sync at a time, each covering everything committed before it
+ *   started (the WAL is appended in commit order, and fdatasync covers the whole file).
+ *   A failed sync leaves the file in an unknown state (a later fsync may "succeed"
+ *   without the lost pages ever reaching the disk), so the store then rejects the
+ *   waiting units and refuses every further write until the server is restarted.
+ *
  * The store owns its database file: one process, one connection. Reads are served from
  * the same connection; they never observe a half-run batch because batches run
- * synchronously within one turn of the event loop.
+ * synchronously within one turn of the event loop. In the async mode a read may observe a
+ * batch that is committed but not yet durable (its writers are still waiting); anything
+ * that acts on such a read through a write of its own (a key release and its audit entry)
+ * is acknowledged only once that later write is durable, which implies the earlier one is.
  */
 import fs from 'node:fs';
+import { basename, dirname, join as pathJoin } from 'node:path';
 
 import Database from 'better-sqlite3';
 
+import { fdatasyncFd } from '../../../shared/src/durable-fs.js';
 import { DomainError, errors } from '../../../shared/src/errors.js';
 import { describeError, silentLogger } from '../../../shared/src/log.js';
 import type { Logger } from '../../../shared/src/log.js';
@@ -67,9 +87,24 @@ export interface SqliteStoreOptions {
    * process dies). The server sets this; tools that read the file alongside must not.
    */
   exclusive?: boolean;
+  /**
+   * How a COMMIT is made durable before its units resolve (module comment): 'full-sync' =
+   * synchronous=FULL, the fsync inside COMMIT on the event loop; 'async-wal-sync'
+   * (default) = synchronous=NORMAL plus an fdatasync of the -wal file on the thread pool.
+   * Same guarantee; the first is the fallback if the second is ever in doubt.
+   */
+  durability?: SqliteDurability;
+  /**
+   * The fdatasync of the async mode, given the -wal file's descriptor (default: node:fs
+   * fdatasync on libuv's thread pool). Tests inject a controllable or failing one.
+   */
+  syncWal?: (fd: number) => Promise<void>;
   /** Testing only. */
   hooks?: SqliteStoreTestHooks;
 }
+
+/** See SqliteStoreOptions.durability. */
+export type SqliteDurability = 'full-sync' | 'async-wal-sync';
 
 /** Counters of the write path, for tests and metrics. */
 export interface SqliteStoreStats {
@@ -81,6 +116,8 @@ export interface SqliteStoreStats {
   failedUnits: number;
   /** Batches whose transaction failed as a whole (all their units rejected). */
   failedBatches: number;
+  /** WAL fdatasyncs completed by the store (async-wal-sync mode; 0 in full-sync mode). */
+  walSyncs: number;
 }
 
 /**
@@ -93,6 +130,8 @@ export interface SqliteStore extends Store {
   stats(): SqliteStoreStats;
   /** Schema version of the open database. */
   readonly schemaVersion: number;
+  /** The durability mode and the connection's settings behind it (diagnostics, tests). */
+  durabilitySettings(): { durability: SqliteDurability; journalMode: string; synchronous: 'off' | 'normal' | 'full' | 'extra' };
 }
 
 const DEFAULT_MAX_BATCH = 256;
@@ -536,11 +575,24 @@ function lockExclusive(db: Database.Database): void {
 
 /** SQLite page cache of the store's connection, KiB. */
 const PAGE_CACHE_KIB = 64 * 1024;
+/**
+ * WAL pages after which a COMMIT checkpoints (SQLite's default: 1,000). A checkpoint runs
+ * inside the COMMIT that crosses the mark, on the event loop, and syncs the WAL and the
+ * database file; each key release adds an audit row at a random place of the by-target
+ * index, so a batch writes ~50 pages and with the default every ~20th batch checkpointed:
+ * in run D2/E profiles most of the remaining COMMIT time. 10,000 pages (40 MiB of WAL at
+ * most) checkpoints ten times less often and rewrites the hot pages (audit tail, index
+ * inner pages) once per checkpoint instead of ten times; measured alone, 32-row audit
+ * batches spent 2.6x less time in COMMIT (docs/benchmarks.md, run E). Durability is not
+ * affected: only when committed pages are copied into the main file.
+ */
+const WAL_AUTOCHECKPOINT_PAGES = 10_000;
 
-function configure(db: Database.Database, memory: boolean): void {
+function configure(db: Database.Database, memory: boolean, durability: SqliteDurability): void {
   const mode = db.pragma('journal_mode = WAL', { simple: true });
   if (!memory && mode !== 'wal') throw new Error(`could not enable WAL journal (got ${String(mode)})`);
-  db.pragma('synchronous = FULL');
+  // NORMAL only together with the store's own sync of the WAL after each COMMIT (#runBatch).
+  db.pragma(durability === 'full-sync' ? 'synchronous = FULL' : 'synchronous = NORMAL');
   db.pragma('foreign_keys = ON');
   // Crypto-shredding: overwrite deleted content (sealed secrets) with zeros.
   db.pragma('secure_delete = ON');
@@ -550,6 +602,7 @@ function configure(db: Database.Database, memory: boolean): void {
   // SQLite's default 2 MiB page cache most of those pages came from the OS through a read()
   // each. 64 MiB (an upper bound, allocated as pages are used) holds the hot indexes.
   db.pragma(`cache_size = -${PAGE_CACHE_KIB}`);
+  db.pragma(`wal_autocheckpoint = ${WAL_AUTOCHECKPOINT_PAGES}`);
   db.pragma(`busy_timeout = ${BUSY_TIMEOUT_MS}`);
   db.pragma('trusted_schema = OFF');
   if (db.pragma('secure_delete', { simple: true }) !== 1 || db.pragma('foreign_keys', { simple: true }) !== 1) {
@@ -601,6 +654,21 @@ interface QueuedUnit {
 
 type UnitOutcome = { ok: true; value: unknown } | { ok: false; error: unknown };
 
+/** A committed batch waiting for the WAL sync that makes it durable. */
+interface UndurableBatch {
+  /** #commitSeq right after its COMMIT (and checkpoint, if any). */
+  seq: number;
+  units: QueuedUnit[];
+  outcomes: UnitOutcome[];
+}
+
+/** The -wal file as the store holds it open for fdatasync. */
+interface WalHandle {
+  fd: number;
+  dev: number;
+  ino: number;
+}
+
 interface ChainHead {
   seq: number;
   hash: string;
@@ -625,6 +693,26 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
   readonly #maxBatch: number;
   readonly #now: () => Date;
   readonly #hooks: SqliteStoreTestHooks;
+  readonly #durability: SqliteDurability;
+  /** True in 'async-wal-sync' mode on a file database: COMMIT alone is not durable. */
+  readonly #asyncSync: boolean;
+  readonly #syncWal: (fd: number) => Promise<void>;
+  /** Our own descriptor of the -wal file (opened at the first sync). */
+  #wal: WalHandle | undefined;
+  /** The -wal file could not be found: batches are made durable by checkpoints instead. */
+  #walGone = false;
+  /** dev:ino the -wal path named when its file was last looked up ('none': missing). */
+  #walPathSeen: string | undefined;
+  /** Batches committed so far; a sync started at #commitSeq = n makes batches <= n durable. */
+  #commitSeq = 0;
+  #durableSeq = 0;
+  #syncInFlight = false;
+  /** Committed batches in commit order whose sync has not completed yet. */
+  #undurable: UndurableBatch[] = [];
+  /** Set for good by a failed WAL sync: every later write is refused with it. */
+  #syncFailed: DomainError | undefined;
+  /** Resolved whenever #undurable becomes empty (close waits for it). */
+  #durableWaiters: (() => void)[] = [];
   /** Last event of the audit chain as of the current (possibly uncommitted) state. */
   #head: ChainHead;
   #inUnit = false;
@@ -634,11 +722,21 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
   #scheduled = false;
   #idleWaiters: (() => void)[] = [];
   #closing: Promise<void> | undefined;
-  readonly #stats: SqliteStoreStats = { commits: 0, units: 0, failedUnits: 0, failedBatches: 0 };
+  readonly #stats: SqliteStoreStats = { commits: 0, units: 0, failedUnits: 0, failedBatches: 0, walSyncs: 0 };
 
   constructor(
     db: Database.Database,
-    init: { schemaVersion: number; memory: boolean; path: string; logger: Logger; maxBatch: number; now: () => Date; hooks: SqliteStoreTestHooks },
+    init: {
+      schemaVersion: number;
+      memory: boolean;
+      path: string;
+      logger: Logger;
+      maxBatch: number;
+      now: () => Date;
+      hooks: SqliteStoreTestHooks;
+      durability: SqliteDurability;
+      syncWal: (fd: number) => Promise<void>;
+    },
   ) {
     this.#db = db;
     this.schemaVersion = init.schemaVersion;
@@ -648,6 +746,9 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     this.#maxBatch = init.maxBatch;
     this.#now = init.now;
     this.#hooks = init.hooks;
+    this.#durability = init.durability;
+    this.#asyncSync = init.durability === 'async-wal-sync' && !init.memory;
+    this.#syncWal = init.syncWal;
     this.#s = prepareStatements(db);
     this.#rot = new SqliteRotationTables(db);
     const head = this.#s.auditHead.get();
@@ -656,6 +757,16 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
 
   stats(): SqliteStoreStats {
     return { ...this.#stats };
+  }
+
+  durabilitySettings(): { durability: SqliteDurability; journalMode: string; synchronous: 'off' | 'normal' | 'full' | 'extra' } {
+    const level = Number(this.#db.pragma('synchronous', { simple: true }));
+    const names = ['off', 'normal', 'full', 'extra'] as const;
+    return {
+      durability: this.#durability,
+      journalMode: String(this.#db.pragma('journal_mode', { simple: true })),
+      synchronous: names[level] ?? 'extra',
+    };
   }
 
   // ----- reads -------------------------------------------------------------------------
@@ -1158,6 +1269,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
    */
   write<T>(fn: (tx: StoreWriter) => T): Promise<T> {
     if (this.#closing) return Promise.reject(new DomainError('unavailable', 'store is closed'));
+    if (this.#syncFailed) return Promise.reject(this.#syncFailed);
     return new Promise<T>((resolve, reject) => {
       this.#queue.push({ fn, resolve: resolve as (value: unknown) => void, reject });
       this.#schedule();
@@ -1174,7 +1286,12 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
   #flush(): void {
     this.#scheduled = false;
     const batch = this.#queue.splice(0, this.#maxBatch);
-    if (batch.length > 0) this.#runBatch(batch);
+    if (batch.length > 0 && this.#syncFailed) {
+      // Queued before the sync failed: never run on a file in an unknown state.
+      for (const u of batch) u.reject(this.#syncFailed);
+    } else if (batch.length > 0) {
+      this.#runBatch(batch);
+    }
     if (this.#queue.length > 0) {
       this.#schedule();
     } else {
@@ -1255,12 +1372,185 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
       // deleting unit learns that its volume is gone.
       this.#checkpoint('crypto-shred');
     }
-    batch.forEach((unit, i) => {
-      const o = outcomes[i];
-      if (o === undefined) unit.reject(new Error('store write unit has no outcome'));
-      else if (o.ok) unit.resolve(o.value);
-      else unit.reject(o.error);
-    });
+    if (!this.#asyncSync) {
+      settleUnits(batch, outcomes);
+      return;
+    }
+    // Numbered after the checkpoint: the sync that covers this batch also makes a shred
+    // checkpoint's truncation of the WAL durable before the deleting unit resolves.
+    this.#commitSeq++;
+    this.#undurable.push({ seq: this.#commitSeq, units: batch, outcomes });
+    this.#startSync();
+  }
+
+  /**
+   * Starts one WAL fdatasync covering every batch committed so far, unless one is in
+   * flight (its completion starts the next) or the store has failed. Never throws.
+   */
+  #startSync(): void {
+    if (this.#syncInFlight || this.#syncFailed || this.#durableSeq >= this.#commitSeq) return;
+    const target = this.#commitSeq;
+    let fd: number | undefined;
+    try {
+      fd = this.#currentWalFd();
+    } catch (err) {
+      this.#onSyncFailed(err);
+      return;
+    }
+    if (fd === undefined) {
+      // No -wal file to sync: the checkpoint in #currentWalFd made everything durable.
+      this.#durableSeq = target;
+      this.#settleDurable();
+      return;
+    }
+    this.#syncInFlight = true;
+    let started: Promise<void>;
+    try {
+      started = this.#syncWal(fd);
+    } catch (err) {
+      started = Promise.reject(err);
+    }
+    started.then(
+      () => {
+        this.#syncInFlight = false;
+        this.#stats.walSyncs++;
+        this.#durableSeq = target;
+        this.#settleDurable();
+        this.#startSync();
+      },
+      (err: unknown) => {
+        this.#syncInFlight = false;
+        this.#onSyncFailed(err);
+      },
+    );
+  }
+
+  /**
+   * The descriptor to fdatasync: our own one of the -wal file SQLite writes. Every batch
+   * checks that the path still names the file we hold (same device and inode; a TRUNCATE
+   * checkpoint shortens the file in place and keeps it). When it does not (first call, or
+   * the file replaced, removed or recreated), the file is looked up among this process's
+   * open descriptors (/proc/self/fd: the one SQLite's connection holds, deleted or not) and
+   * reopened through it, so the sync always reaches the file SQLite appends to. If that
+   * cannot be told, a synchronous checkpoint (NORMAL syncs the WAL before it and the
+   * database after it) makes the batch durable whichever file it is, and so on for every
+   * batch until the file can be found again (logged once). Returns undefined in that case.
+   */
+  #currentWalFd(): number | undefined {
+    const walPath = `${this.#path}-wal`;
+    const st = statIfExists(walPath);
+    const held = this.#wal;
+    if (held && st && st.ino === held.ino && st.dev === held.dev) return held.fd;
+    // The path changed, but not since we last looked into it and kept `held`.
+    const seen = st ? `${st.dev}:${st.ino}` : 'none';
+    if (held && seen === this.#walPathSeen) return held.fd;
+    this.#walPathSeen = seen;
+
+    const used = walFilesOfProcess(walPath, held?.fd);
+    if (used === undefined) {
+      // No /proc (not Linux): trust the path, as SQLite itself opened it by name.
+      if (!st) return this.#walByCheckpoint(walPath, 'the -wal file is missing');
+      if (held) this.#dropWal(true);
+      return this.#openWal(walPath);
+    }
+    if (used.length !== 1) {
+      return this.#walByCheckpoint(walPath, used.length === 0 ? 'no open -wal file found' : 'several -wal files open');
+    }
+    const file = used[0]!;
+    if (held && file.dev === held.dev && file.ino === held.ino) {
+      // SQLite still appends to the file we hold; the path was replaced or removed by
+      // someone else. Keep syncing the right file, and say so once.
+      this.#logger.warn('SQLite WAL path no longer names the file SQLite writes; syncing the open file', { path: walPath });
+      return held.fd;
+    }
+    // SQLite writes to another file than the one we held: batches committed since the last
+    // sync may be in either, so checkpoint before switching.
+    if (held) this.#dropWal(true);
+    const fd = this.#openWal(file.link);
+    if (this.#walGone || !st || st.ino !== file.ino || st.dev !== file.dev) {
+      this.#logger.warn('syncing the SQLite WAL through its open descriptor (the path does not name it)', { path: walPath });
+    }
+    this.#walGone = false;
+    return fd;
+  }
+
+  #openWal(file: string): number {
+    // Read-only is enough for fdatasync on Linux (libuv adds O_CLOEXEC); never O_CREAT:
+    // only SQLite creates the file.
+    const fd = fs.openSync(file, fs.constants.O_RDONLY);
+    const own = fs.fstatSync(fd);
+    this.#wal = { fd, dev: own.dev, ino: own.ino };
+    return fd;
+  }
+
+  /** Closes our descriptor of the -wal file, checkpointing first when asked (see above). */
+  #dropWal(checkpoint: boolean): void {
+    if (checkpoint) this.#checkpointOrThrow();
+    if (this.#wal) fs.closeSync(this.#wal.fd);
+    this.#wal = undefined;
+  }
+
+  #walByCheckpoint(walPath: string, why: string): undefined {
+    this.#dropWal(false);
+    if (!this.#walGone) this.#logger.warn('cannot sync the SQLite WAL file; checkpointing every batch instead', { path: walPath, why });
+    this.#walGone = true;
+    this.#checkpointOrThrow();
+    return undefined;
+  }
+
+  #checkpointOrThrow(): void {
+    const r = this.#db.pragma('wal_checkpoint(TRUNCATE)') as { busy: number }[];
+    if (r[0]?.busy) throw new Error('WAL checkpoint incomplete');
+  }
+
+  /** Resolves the batches the last completed sync made durable (all of them up to #durableSeq). */
+  #settleDurable(): void {
+    let n = 0;
+    while (n < this.#undurable.length && this.#undurable[n]!.seq <= this.#durableSeq) n++;
+    const done = this.#undurable.splice(0, n);
+    for (const b of done) settleUnits(b.units, b.outcomes);
+    if (this.#undurable.length === 0) this.#wakeDurableWaiters();
+  }
+
+  /**
+   * A WAL sync failed: the committed-but-unsynced batches may or may not be on disk, and
+   * retrying fsync proves nothing (the kernel may have dropped the dirty pages and cleared
+   * the error). Reject their units, refuse every later write, and say so loudly.
+   */
+  #onSyncFailed(err: unknown): void {
+    if (!this.#syncFailed) {
+      this.#syncFailed = new DomainError('unavailable', 'store refuses writes after a failed sync of its write-ahead log', {
+        hint: 'check the disk and the server log, then restart the server',
+        cause: err,
+      });
+      this.#logger.error('fdatasync of the SQLite WAL failed: store refuses all further writes until restarted', {
+        path: `${this.#path}-wal`,
+        ...describeError(err),
+      });
+    }
+    const failed = this.#undurable;
+    this.#undurable = [];
+    for (const b of failed) {
+      this.#stats.failedBatches++;
+      // A unit that threw keeps its own error: nothing of it was committed.
+      b.units.forEach((u, i) => {
+        const o = b.outcomes[i];
+        u.reject(o && !o.ok ? o.error : this.#syncFailed);
+      });
+    }
+    this.#wakeDurableWaiters();
+  }
+
+  #wakeDurableWaiters(): void {
+    const waiters = this.#durableWaiters;
+    this.#durableWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  /** Resolves once every committed batch is durable or failed. */
+  #allDurable(): Promise<void> {
+    if (this.#undurable.length === 0) return Promise.resolve();
+    return new Promise<void>((resolve) => this.#durableWaiters.push(resolve));
   }
 
   #failBatch(units: QueuedUnit[], err: unknown): void {
@@ -1277,7 +1567,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     if (!this.#closing) {
       const drained =
         this.#queue.length === 0 && !this.#scheduled ? Promise.resolve() : new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
-      this.#closing = drained.then(() => this.#closeNow());
+      this.#closing = drained.then(() => this.#allDurable()).then(() => this.#closeNow());
     }
     return this.#closing;
   }
@@ -1299,9 +1589,77 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
 
   #closeNow(): void {
     this.#checkpoint('close');
+    if (this.#wal) {
+      fs.closeSync(this.#wal.fd);
+      this.#wal = undefined;
+    }
     this.#db.close();
     this.#logger.info('store closed');
   }
+}
+
+/**
+ * The distinct files (device, inode, a /proc path that reopens them) that this process
+ * holds open under the name of the -wal file, deleted or not, other than `exceptFd`:
+ * SQLite's connection(s). Undefined when /proc/self/fd cannot be read.
+ */
+function walFilesOfProcess(walPath: string, exceptFd?: number): { dev: number; ino: number; link: string }[] | undefined {
+  let names: string[];
+  let real: string;
+  try {
+    names = fs.readdirSync('/proc/self/fd');
+    real = pathJoin(fs.realpathSync(dirname(walPath)), basename(walPath));
+  } catch {
+    return undefined;
+  }
+  const found = new Map<string, { dev: number; ino: number; link: string }>();
+  for (const n of names) {
+    if (Number(n) === exceptFd) continue;
+    const link = `/proc/self/fd/${n}`;
+    try {
+      const target = fs.readlinkSync(link);
+      if (target !== real && target !== `${real} (deleted)`) continue;
+      const st = fs.statSync(link);
+      found.set(`${st.dev}:${st.ino}`, { dev: st.dev, ino: st.ino, link });
+    } catch {
+      // closed meanwhile (readdir's own descriptor, another thread's file)
+    }
+  }
+  return [...found.values()];
+}
+
+/** fdatasync of a file by name, blocking; a missing file has nothing to sync. */
+function syncFileSync(file: string): void {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw err;
+  }
+  try {
+    fs.fdatasyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function statIfExists(file: string): fs.Stats | undefined {
+  try {
+    return fs.statSync(file);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+}
+
+function settleUnits(units: QueuedUnit[], outcomes: UnitOutcome[]): void {
+  units.forEach((unit, i) => {
+    const o = outcomes[i];
+    if (o === undefined) unit.reject(new Error('store write unit has no outcome'));
+    else if (o.ok) unit.resolve(o.value);
+    else unit.reject(o.error);
+  });
 }
 
 /**
@@ -1313,13 +1671,15 @@ export function openSqliteStore(options: SqliteStoreOptions): SqliteStore {
   const maxBatch = options.maxBatch ?? DEFAULT_MAX_BATCH;
   if (!Number.isSafeInteger(maxBatch) || maxBatch < 1) throw errors.invalid('maxBatch must be a positive integer');
   if (options.path === '') throw errors.invalid('store path is empty');
+  const durability = options.durability ?? 'async-wal-sync';
+  if (durability !== 'full-sync' && durability !== 'async-wal-sync') throw errors.invalid('durability must be full-sync or async-wal-sync');
   assertMigrationsWellFormed(MIGRATIONS);
 
   const memory = options.path === ':memory:';
   if (!memory) prepareDatabaseFile(options.path, logger);
   const db = new Database(options.path, { timeout: BUSY_TIMEOUT_MS });
   try {
-    configure(db, memory);
+    configure(db, memory, durability);
     if (options.exclusive && !memory) lockExclusive(db);
     if (!memory) {
       // SQLite gives -wal/-shm the main file's mode; tighten leftovers of a looser past.
@@ -1327,6 +1687,9 @@ export function openSqliteStore(options: SqliteStoreOptions): SqliteStore {
       tightenMode(`${options.path}-shm`, logger);
     }
     const schemaVersion = migrate(db, logger);
+    // Migrations (and the exclusive lock's empty transaction) committed outside the group
+    // commit, so with synchronous=NORMAL nothing synced them yet: once, blocking, at open.
+    if (!memory && durability === 'async-wal-sync') syncFileSync(`${options.path}-wal`);
     const store = new SqliteStoreImpl(db, {
       schemaVersion,
       memory,
@@ -1335,8 +1698,10 @@ export function openSqliteStore(options: SqliteStoreOptions): SqliteStore {
       maxBatch,
       now: options.now ?? (() => new Date()),
       hooks: options.hooks ?? {},
+      durability,
+      syncWal: options.syncWal ?? fdatasyncFd,
     });
-    logger.info('store opened', { path: options.path, schemaVersion });
+    logger.info('store opened', { path: options.path, schemaVersion, durability });
     return store;
   } catch (err) {
     db.close();
