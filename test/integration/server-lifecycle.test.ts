@@ -84,6 +84,27 @@ test('with --memory-lock off the server locks only its key arena and says why', 
   }
 });
 
+test('--durability full-sync is taken (the store then runs synchronous=FULL: sqlite-store unit tests) and serves; data written with it is there under the default; an unknown mode is refused', async (t) => {
+  const dir = tempDir();
+  const data = join(dir.path, 'data');
+  try {
+    initDataDir(data);
+    t.regex(runServerCommand(['run', '--data-dir', data, '--durability', 'sometimes']).stderr, /--durability must be one of async-wal-sync, full-sync/);
+    const server = await startServer(data, ['--durability', 'full-sync']);
+    t.regex(await waitForLog(server, /"msg":"starting"/), /"durability":"full-sync"/);
+    const admin = ['--server', server.address, '--credentials', join(data, 'admin.pem')];
+    t.is((await cli([...admin, 'volume', 'create', 'durable-1', '--size', '1G', '--format', 'luks'])).code, 0);
+    t.is(await server.stop(), 0);
+    // The default, after a restart on the same data: the volume is there.
+    const again = await startServer(data);
+    t.regex(await waitForLog(again, /"msg":"starting"/), /"durability":"async-wal-sync"/);
+    t.is((await cli([...admin.map((a) => (a === server.address ? again.address : a)), 'volume', 'show', 'durable-1'])).code, 0);
+    t.is(await again.stop(), 0);
+  } finally {
+    dir.remove();
+  }
+});
+
 test('an unknown --memory-lock mode is refused', (t) => {
   const r = runServerCommand(['run', '--data-dir', '/nonexistent', '--memory-lock', 'sometimes']);
   t.is(r.code, 2, 'invalid arguments exit with 2');

@@ -5,6 +5,7 @@ import { errors } from '../../../shared/src/errors.js';
 import { parseDurationSeconds } from '../domain/duration.js';
 import type { LogLevel } from '../../../shared/src/log.js';
 import { parseMemoryLockMode, type MemoryLockMode } from '../../../shared/src/memory-lock.js';
+import type { SqliteDurability } from '../store/sqlite-store.js';
 
 /** What the operator may set. */
 export interface ServerRunOptions {
@@ -21,6 +22,8 @@ export interface ServerRunOptions {
   keyGrace?: string;
   /** auto (default), require or off: see shared/src/memory-lock.ts. */
   memoryLock?: string;
+  /** async-wal-sync (default) or full-sync: see server/src/store/sqlite-store.ts. */
+  durability?: string;
 }
 
 /** Options with defaults applied. */
@@ -35,6 +38,7 @@ export interface CompiledServerRunOptions {
   readonly hostCertDays: number;
   readonly rotation: { readonly intervalMs: number; readonly maxPerHost: number; readonly graceSeconds: number };
   readonly memoryLock: MemoryLockMode;
+  readonly durability: SqliteDurability;
 }
 
 /** Default main listener (loopback: exposing it is a deliberate choice). */
@@ -53,6 +57,13 @@ function checkRange(flag: string, n: number, min: number, max: number): number {
   return n;
 }
 
+const DURABILITY: readonly SqliteDurability[] = ['async-wal-sync', 'full-sync'];
+
+function checkDurability(d: string): SqliteDurability {
+  if (!(DURABILITY as readonly string[]).includes(d)) throw errors.invalid(`--durability must be one of ${DURABILITY.join(', ')}`);
+  return d as SqliteDurability;
+}
+
 /** Applies defaults and validates. */
 export function compileServerRunOptions(o: ServerRunOptions): CompiledServerRunOptions {
   if (!o.dataDir) throw errors.invalid('--data-dir is required');
@@ -68,6 +79,7 @@ export function compileServerRunOptions(o: ServerRunOptions): CompiledServerRunO
     shutdownGraceMs: o.shutdownGraceMs ?? 10_000,
     hostCertDays: o.hostCertDays ?? 365,
     memoryLock: parseMemoryLockMode(o.memoryLock),
+    durability: checkDurability(o.durability ?? 'async-wal-sync'),
     rotation: Object.freeze({
       intervalMs: checkRange('--rotation-interval', parseDurationSeconds(o.rotationInterval ?? '30s', '--rotation-interval'), 1, 86400) * 1000,
       maxPerHost: checkRange('--rotations-per-host', Number(o.rotationsPerHost ?? '2'), 1, 64),

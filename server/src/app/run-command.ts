@@ -24,7 +24,7 @@ export async function runCommand(raw: ServerRunOptions): Promise<void> {
   relaunchWithMadviseShim(opts.memoryLock);
   const logger = createLogger({ component: 'virtkm-server', level: opts.logLevel });
   const hygiene = hardenProcess(logger, { memoryLock: opts.memoryLock });
-  logger.info('starting', { data_dir: opts.dataDir, dumpable: hygiene.dumpable, memory_locked: hygiene.memoryLocked, secrets_locked: hygiene.secretsLocked, locked_bytes: hygiene.lockedBytes });
+  logger.info('starting', { data_dir: opts.dataDir, dumpable: hygiene.dumpable, memory_locked: hygiene.memoryLocked, secrets_locked: hygiene.secretsLocked, locked_bytes: hygiene.lockedBytes, durability: opts.durability });
   await loadSodium();
   const paths = dataDirPaths(opts.dataDir);
   if (!existsSync(paths.masterKey)) throw errors.precondition(`${opts.dataDir} is not an initialised data directory`, { hint: 'run `virtkm-server init --data-dir DIR` first' });
@@ -32,7 +32,7 @@ export async function runCommand(raw: ServerRunOptions): Promise<void> {
   // The lock first: finishing an interrupted master key rotation and unsealing happen
   // with no other server on this directory. A Shamir-sealed master key starts sealed
   // (sealed-mode.ts): vault and issuer are stand-ins until UnsealService opens the gate.
-  const store = openSqliteStore({ path: paths.db, logger: logger.child('store'), exclusive: true });
+  const store = openSqliteStore({ path: paths.db, logger: logger.child('store'), exclusive: true, durability: opts.durability });
   const announce = (event: Record<string, unknown>) => process.stdout.write(JSON.stringify(event) + '\n');
   const access = await openMasterKeyForRun(paths, store, logger, opts.passphraseFile, announce);
   const { vault, issuer, serverKey } = access;

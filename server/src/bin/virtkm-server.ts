@@ -49,6 +49,7 @@ program
   .option('--rotation-interval <duration>', 'how often the rotation scheduler runs (e.g. 30s)', '30s')
   .option('--rotations-per-host <n>', 'rotations one host runs at the same time', '2')
   .option('--key-grace <duration>', 'how long a retired key version is kept before it is destroyed (e.g. 7d)', '7d')
+  .option('--durability <mode>', 'how a write is made durable before it is answered: async-wal-sync (default: fdatasync of the WAL off the event loop) or full-sync (SQLite synchronous=FULL)', 'async-wal-sync')
   .option('--memory-lock <mode>', 'lock all memory (mlockall): auto (when permitted), require (refuse to start otherwise) or off', 'auto')
   .action(async (o) => {
     await runCommand(o);
