@@ -87,7 +87,7 @@ test.before(async (t) => {
 });
 
 test.after.always(async (t) => {
-  if (t.context.server) t.context.server.stop();
+  if (t.context.server) t.is(await t.context.server.stop(), 0, 'the server exits cleanly on SIGTERM');
   t.context.dir?.remove();
 });
 

@@ -242,11 +242,13 @@ async function killParentOfSleep(dieWithParent: boolean): Promise<{ goneWithPare
     );
     sleeper = await waitForPid(marker, 10_000);
     const ppid = Number(/^PPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${sleeper}/status`, 'latin1'))?.[1]);
-    const exe = readlinkSync(`/proc/${sleeper}/exe`);
     // Running a while first: nothing but the parent's death may end it (no thread of
     // libuv's that exits early, no timer of runTool).
     await sleep(1000);
     if (!alive(sleeper)) throw new Error('the tool died while its parent was alive');
+    // Read only now: the process is found by its arguments, which setpriv carries too
+    // for the instant before it execs the tool.
+    const exe = readlinkSync(`/proc/${sleeper}/exe`);
     node.kill('SIGKILL');
     const goneWithParent = await waitUntilGone(sleeper, 5000);
     return { goneWithParent, parentWasNode: ppid === node.pid, exe };

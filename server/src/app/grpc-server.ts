@@ -167,7 +167,13 @@ export async function startGrpcServer(deps: GrpcServerDeps): Promise<RunningServ
     async shutdown(graceMs) {
       if (state === 'draining' || state === 'stopped') return;
       state = 'draining';
-      await scheduler?.stop();
+      // A scheduler pass in flight is waited for, but not beyond the grace period.
+      if (scheduler) {
+        let timer: NodeJS.Timeout | undefined;
+        const late = await Promise.race([scheduler.stop().then(() => false), new Promise<boolean>((r) => (timer = setTimeout(() => r(true), graceMs)))]);
+        clearTimeout(timer);
+        if (late) deps.logger.warn('a rotation scheduler pass did not end within the grace period; shutting down anyway');
+      }
       // Agents reconnect with backoff to whichever server comes back.
       hub.closeAll(14 /* UNAVAILABLE */, 'server is shutting down');
       health.setStatus('', 'NOT_SERVING');

@@ -16,6 +16,9 @@ import { mutualTlsCredentials, serverOnlyTlsCredentials } from './tls.js';
 import { errors } from '../../../shared/src/errors.js';
 import { existsSync } from 'node:fs';
 
+/** Time the shutdown may take beyond the gRPC grace period (closing the store, the vault). */
+const SHUTDOWN_MARGIN_MS = 5_000;
+
 /** Runs the server until SIGTERM/SIGINT. */
 export async function runCommand(raw: ServerRunOptions): Promise<void> {
   const opts = compileServerRunOptions(raw);
@@ -60,11 +63,18 @@ export async function runCommand(raw: ServerRunOptions): Promise<void> {
   await new Promise<void>((resolve) => {
     const stop = (signal: string) => {
       logger.info('shutting down', { signal });
+      // A bound on the whole shutdown: whatever hangs (a scheduler pass, a stuck write),
+      // a stop request ends the process, as a service manager expects.
+      const watchdog = setTimeout(() => {
+        logger.error('shutdown did not finish in time; exiting', { after_ms: opts.shutdownGraceMs + SHUTDOWN_MARGIN_MS });
+        process.exit(1);
+      }, opts.shutdownGraceMs + SHUTDOWN_MARGIN_MS);
       server
         .shutdown(opts.shutdownGraceMs)
         .then(() => store.close())
         .catch((err: unknown) => logger.error('shutdown failed', describeError(err)))
         .finally(() => {
+          clearTimeout(watchdog);
           vault.close();
           logger.info('stopped');
           resolve();
