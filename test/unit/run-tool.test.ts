@@ -13,6 +13,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { isDomainError, type DomainError } from '../../shared/src/errors.js';
 import { CRYPTSETUP_EXIT_KINDS, TOOL_ENV, parentDeathSupported, runTool, toolError } from '../../shared/src/run-tool.js';
 
+/** Whether setpriv can make tools die with their parent here (decides a skip below). */
+const pdeathSupported = await parentDeathSupported();
+
 /** Hex dump of what `od` printed, spaces and newlines removed. */
 function odHex(text: string): string {
   return text.replace(/\s+/g, '');
@@ -265,12 +268,7 @@ async function killParentOfSleep(dieWithParent: boolean): Promise<{ goneWithPare
   }
 }
 
-test('a tool dies with its parent process, even one killed with SIGKILL; without dieWithParent it would not', async (t) => {
-  if (!(await parentDeathSupported())) {
-    t.log('SKIPPED: /usr/bin/setpriv with --pdeathsig is not available here (util-linux)');
-    t.pass();
-    return;
-  }
+(pdeathSupported ? test : test.skip)(`a tool dies with its parent process, even one killed with SIGKILL; without dieWithParent it would not${pdeathSupported ? '' : ' [skipped: /usr/bin/setpriv with --pdeathsig is not available here (util-linux)]'}`, async (t) => {
   const wrapped = await killParentOfSleep(true);
   t.true(wrapped.parentWasNode, 'setpriv exec()s the tool in place: the tool is the direct child');
   t.regex(wrapped.exe, /\/sleep$/, 'the running process is the tool itself, not the wrapper');
