@@ -125,6 +125,12 @@ export function createHostImageStore(options: HostImageStoreOptions = {}): Image
       // for people, never used to decide.
       logger.warn('qemu-img create failed; retrying with a longer iter-time', { iter_time_ms: iterTime, stderr: r.stderr.trim().slice(0, 300) });
     }
+    // Every attempt failed in QEMU's PBKDF2 calibration (its thread CPU clock showed no
+    // progress, seen on a loaded VM): a passing condition, so callers retry later instead
+    // of treating it as a broken image or spec.
+    if (last?.stderr.includes('Unable to get accurate CPU usage')) {
+      throw new DomainError('unavailable', 'qemu-img could not calibrate the LUKS key derivation (no CPU time measured); try again', { hint: 'a passing condition of a loaded machine' });
+    }
     throw toolError('qemu-img', last ?? { code: -1, stdout: '', stderr: '', truncated: false }, QEMU_EXIT_KINDS);
   }
 
