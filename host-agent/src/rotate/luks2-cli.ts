@@ -287,6 +287,21 @@ export async function dropUnboundKeyslots(cli: Luks2Cli, path: string, header: L
   return after;
 }
 
+/**
+ * After a failed `cryptsetup reencrypt` (offline or online): when it never initialised the
+ * re-encryption, removes the keyslot the run added (`added`, undefined when none) so that
+ * nothing is changed. Leaves the header alone when a re-encryption is recorded in it or the
+ * old passphrase no longer opens it. Throws what the tools throw: callers log it (best
+ * effort, it runs after an abort too).
+ */
+export async function undoAddedKeyslot(cli: Luks2Cli, path: string, added: number | undefined, oldPass: Uint8Array): Promise<void> {
+  if (added === undefined) return;
+  const h = await cli.dump(path);
+  if (!h || reencryptionInProgress(h)) return;
+  if (!(await cli.opens(path, oldPass))) return;
+  await cli.killSlot(path, added, oldPass);
+}
+
 /** Calls onProgress without letting a failing consumer stop the rotation. */
 export function reporter(onProgress: ((p: RotationProgress) => void) | undefined): (p: RotationProgress) => void {
   return (p) => {

@@ -72,6 +72,7 @@ import {
   luks2Cli,
   PBKDF_ARGS,
   reencryptionInProgress,
+  undoAddedKeyslot,
   reporter,
   withPassphrases,
   type Luks2Cli,
@@ -357,15 +358,10 @@ export function createLuks2OnlineReencrypt(options: Luks2OnlineOptions): Rotatio
     return { opensWith: 'new', verified: false, bytesRewritten: total };
   }
 
-  /** As offline: a keyslot added for a re-encryption that never initialised is removed again. */
+  /** After a failed run: the keyslot it added goes again unless a re-encryption began (undoAddedKeyslot). */
   async function undoAddedKey(path: string, added: number | undefined, oldPass: Uint8Array, rotationId: string): Promise<void> {
-    if (added === undefined) return;
-    const cli = luks2Cli({ run, cryptsetup, timeoutMs });
     try {
-      const h = await cli.dump(path);
-      if (!h || reencryptionInProgress(h)) return;
-      if (!(await cli.opens(path, oldPass))) return;
-      await cli.killSlot(path, added, oldPass);
+      await undoAddedKeyslot(luks2Cli({ run, cryptsetup, timeoutMs }), path, added, oldPass);
     } catch (e) {
       logger.error('cannot remove the keyslot added for a failed online re-encryption', { rotation_id: rotationId, ...describeError(e) });
     }

@@ -97,6 +97,7 @@ import {
   luks2Cli,
   PBKDF_ARGS,
   reencryptionInProgress,
+  undoAddedKeyslot,
   reporter,
   type Luks2Cli,
   type Luks2Header,
@@ -332,19 +333,10 @@ export function createLuks2Reencrypt(options: Luks2ReencryptOptions = {}): Rotat
     return { opensWith: 'new', verified: false, bytesRewritten: rewritten };
   }
 
-  /**
-   * After a failed `reencrypt`: when it never initialised the re-encryption, remove the
-   * keyslot this run added so that nothing is changed. Best effort, without the signal (it
-   * runs after an abort too).
-   */
+  /** After a failed run: the keyslot it added goes again unless a re-encryption began (undoAddedKeyslot). */
   async function undoAddedKey(path: string, added: number | undefined, oldPass: Uint8Array, rotationId: string): Promise<void> {
-    if (added === undefined) return;
-    const cli = luks2Cli({ run, cryptsetup, timeoutMs });
     try {
-      const h = await cli.dump(path);
-      if (!h || reencryptionInProgress(h)) return;
-      if (!(await cli.opens(path, oldPass))) return;
-      await cli.killSlot(path, added, oldPass);
+      await undoAddedKeyslot(luks2Cli({ run, cryptsetup, timeoutMs }), path, added, oldPass);
     } catch (e) {
       logger.error('cannot remove the keyslot added for a failed re-encryption', { rotation_id: rotationId, ...describeError(e) });
     }
