@@ -3,12 +3,16 @@
  * guests can start after a reboot while the server is unreachable. One file, sealed as a
  * whole (XChaCha20-Poly1305 envelope, AAD bound to the host id) under the host key.
  *
- * Writes replace the file atomically (temporary file, fsync, rename, fsync of the
- * directory), and the previous file's blocks are overwritten with zeros before the rename
- * so a removed key leaves no trace in the old file (the filesystem and the disk may still
- * keep copies elsewhere: see docs/threat-model.md).
+ * Writes replace the file atomically: the new content goes to a temporary file (fsync), the
+ * current file gets a second name (`.old`, a hard link), the temporary file is renamed over
+ * the current one (fsync of the directory), and only then are the old file's blocks
+ * overwritten with zeros and its last name removed. So the cache file is complete at every
+ * moment (a crash or a concurrent reader sees the old or the new content, never zeros),
+ * and a removed key leaves no trace in the old file (the filesystem and the disk may still
+ * keep copies elsewhere: see docs/threat-model.md). Leftovers of a crash (`.tmp`, `.old`)
+ * are zeroed and removed when the cache is next opened.
  */
-import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, statSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, linkSync, openSync, readFileSync, renameSync, statSync, unlinkSync, writeSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { dirname } from 'node:path';
 import { DecryptionError, open, seal, type WrappingKey } from '../../../shared/src/envelope.js';
@@ -99,8 +103,24 @@ function zeroFile(path: string): void {
   }
 }
 
+/**
+ * Zeroes and removes a file if it exists (a leftover of an interrupted write). When it is
+ * another name of `live` (a crash between the link and the rename), only the name goes.
+ */
+function shredIfPresent(path: string, live?: string): void {
+  if (!existsSync(path)) return;
+  const same = live !== undefined && existsSync(live) && statSync(live).ino === statSync(path).ino && statSync(live).dev === statSync(path).dev;
+  if (!same) zeroFile(path);
+  unlinkSync(path);
+}
+
 /** Opens (or starts) the cache at `path`, sealed under `hostKey` and bound to `hostId`. */
 export function openKeyCache(path: string, hostKey: WrappingKey, hostId: string): KeyCache {
+  const tmp = `${path}.tmp`;
+  const old = `${path}.old`;
+  // A crash during a write leaves at most these; `path` itself is always complete.
+  shredIfPresent(tmp, path);
+  shredIfPresent(old, path);
   let entries: CachedKey[] = [];
   let desired: Uint8Array | undefined;
   if (existsSync(path)) {
@@ -127,7 +147,6 @@ export function openKeyCache(path: string, hostKey: WrappingKey, hostId: string)
     lastDigest = digest;
     const sealed = seal(plain, hostKey, cacheAad(hostId));
     wipe(plain);
-    const tmp = `${path}.tmp`;
     const fd = openSync(tmp, 'w', 0o600);
     try {
       writeSync(fd, sealed);
@@ -135,9 +154,17 @@ export function openKeyCache(path: string, hostKey: WrappingKey, hostId: string)
     } finally {
       closeSync(fd);
     }
-    if (existsSync(path)) zeroFile(path);
+    const hadOld = existsSync(path);
+    if (hadOld) {
+      shredIfPresent(old, path);
+      linkSync(path, old);
+    }
     renameSync(tmp, path);
     fsyncDirSync(dirname(path));
+    if (hadOld) {
+      shredIfPresent(old);
+      fsyncDirSync(dirname(path));
+    }
   };
   return {
     get(volumeId, keyVersion) {
