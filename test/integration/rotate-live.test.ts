@@ -131,6 +131,12 @@ async function startGuest(t: ExecutionContext, tag: string, key: Uint8Array): Pr
       await watcher.close();
     }
   })();
+  // A test that fails before it stops the poller must not leave it polling (a live loop
+  // and its libvirt connection would keep the test file's worker from ending).
+  t.teardown(async () => {
+    polling = false;
+    await poller.catch(() => undefined);
+  });
   return {
     name,
     volumeId,
