@@ -10,7 +10,7 @@
 import { TLSSocket, type PeerCertificate } from 'node:tls';
 import type { ServerSurfaceCall } from '@grpc/grpc-js/build/src/server-call.js';
 import { errors } from '../../../shared/src/errors.js';
-import type { RoleName } from '../domain/model.js';
+import type { HostRecord, RoleName } from '../domain/model.js';
 import { normalizeSerial } from '../domain/serial.js';
 import type { StoreReader } from '../store/ports.js';
 
@@ -22,6 +22,8 @@ export interface Principal {
   serial: string;
   /** For hosts: the host id. */
   hostId?: string;
+  /** For hosts: the enrolled host's record as read for this call (saves handlers a lookup). */
+  host?: HostRecord;
 }
 
 /** How a principal appears in the audit log. */
@@ -100,6 +102,7 @@ export function authenticate(call: ServerSurfaceCall, store: StoreReader, allowe
     const host = store.getHostByName(name);
     if (!host || host.state !== 'enrolled' || host.certSerial !== serial) throw errors.unauthenticated('host is not enrolled');
     principal.hostId = host.id;
+    principal.host = host;
   }
   if (!allowed.includes(role)) throw errors.denied(`role ${role} may not call this method`);
   return principal;

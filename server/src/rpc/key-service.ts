@@ -43,8 +43,8 @@ export function createKeyService(deps: KeyServiceDeps): KeyServiceServer {
       if (ids.length === 0) throw errors.invalid('no volume ids given');
       if (ids.length > MAX_RELEASE_BATCH) throw errors.tooLarge(`at most ${MAX_RELEASE_BATCH} volumes per request`);
       for (const id of ids) if (!isId(id)) throw errors.invalid('volume ids must be ids, not names');
-      const hostId = p.hostId;
-      const host = hostId === undefined ? undefined : store.getHost(hostId);
+      // authenticate() read the host record for this call (enrolled, this certificate).
+      const host = p.host;
       if (!host) throw errors.unauthenticated('host is not enrolled');
       // Authorise every volume before releasing any (one query each: placement, volume and
       // active key). An unknown volume and a volume placed elsewhere get the same answer, so
