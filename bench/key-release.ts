@@ -716,8 +716,10 @@ async function main(): Promise<number> {
     return 0;
   } catch (err) {
     console.error(`\nBENCH FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
-    const errorLines = (serverLogs?.() ?? '').split('\n').filter((l) => /"level":"(error|warn)"/.test(l));
+    const logLines = (serverLogs?.() ?? '').split('\n').filter((l) => l.trim() !== '');
+    const errorLines = logLines.filter((l) => /"level":"(error|warn)"/.test(l));
     if (errorLines.length > 0) console.error(`server errors and warnings (last 10 of ${errorLines.length}):\n${errorLines.slice(-10).join('\n')}`);
+    console.error(`server log (last 10 of ${logLines.length} lines):\n${logLines.slice(-10).join('\n')}`);
     return 1;
   } finally {
     await runCleanups();

@@ -22,8 +22,12 @@ export interface Principal {
   serial: string;
   /** For hosts: the host id. */
   hostId?: string;
-  /** For hosts: the enrolled host's record as read for this call (saves handlers a lookup). */
-  host?: HostRecord;
+  /**
+   * For hosts: the enrolled host's id and box public key as checked at authentication
+   * (saves handlers a lookup). Other host fields (last seen, desired revision) are not
+   * carried: they change without a credentials generation change.
+   */
+  host?: Pick<HostRecord, 'id' | 'boxPublicKey'>;
 }
 
 /** How a principal appears in the audit log. */
@@ -44,6 +48,15 @@ interface PeerIdentity {
 }
 
 const identities = new WeakMap<TLSSocket, PeerIdentity | null>();
+
+/**
+ * The principal last checked against the store for a connection, with the store's
+ * credentials generation at that time. A call on the same connection reuses it while the
+ * generation is unchanged: no certificate or host record changed since, so the database
+ * would give the same answer (a revocation changes the generation, so the next call checks
+ * again and is refused). Only successful checks are kept.
+ */
+const checked = new WeakMap<TLSSocket, { generation: number; principal: Principal }>();
 
 /**
  * The TLS socket under a grpc-js server call. grpc-js does not expose it, so this follows
@@ -88,6 +101,18 @@ function peerIdentity(call: ServerSurfaceCall): PeerIdentity | null {
  * not in `allowed`.
  */
 export function authenticate(call: ServerSurfaceCall, store: StoreReader, allowed: readonly RoleName[]): Principal {
+  const socket = tlsSocketOf(call);
+  const generation = store.credentialsGeneration();
+  const known = socket && checked.get(socket);
+  const principal = known && known.generation === generation ? known.principal : checkPrincipal(call, store);
+  if (socket && principal !== known?.principal) checked.set(socket, { generation, principal });
+  if (!allowed.includes(principal.role)) throw errors.denied(`role ${principal.role} may not call this method`);
+  // A copy: handlers must not be able to change what later calls of the connection see.
+  return { ...principal };
+}
+
+/** Checks the connection's certificate against the store: the principal, or unauthenticated. */
+function checkPrincipal(call: ServerSurfaceCall, store: StoreReader): Principal {
   const id = peerIdentity(call);
   if (!id) throw errors.unauthenticated('a client certificate is required');
   const { cert, serial } = id;
@@ -102,8 +127,7 @@ export function authenticate(call: ServerSurfaceCall, store: StoreReader, allowe
     const host = store.getHostByName(name);
     if (!host || host.state !== 'enrolled' || host.certSerial !== serial) throw errors.unauthenticated('host is not enrolled');
     principal.hostId = host.id;
-    principal.host = host;
+    principal.host = { id: host.id, boxPublicKey: host.boxPublicKey };
   }
-  if (!allowed.includes(role)) throw errors.denied(`role ${role} may not call this method`);
   return principal;
 }

@@ -34,7 +34,7 @@ export function createKeyService(deps: KeyServiceDeps): KeyServiceServer {
   const lastTouch = new Map<string, number>();
   // Parsed X25519 keys per host, so the hot path does not re-import them.
   const recipients = createRecipientCache();
-  const recipientOf = (host: HostRecord): BoxRecipient => recipients(host.id, host.boxPublicKey);
+  const recipientOf = (host: Pick<HostRecord, 'id' | 'boxPublicKey'>): BoxRecipient => recipients(host.id, host.boxPublicKey);
 
 
   return {

@@ -113,6 +113,13 @@ export interface StoreReader {
 
   getEnrollmentToken(id: string): EnrollmentTokenRecord | undefined;
   getCertificate(serial: string): CertificateRecord | undefined;
+  /**
+   * A number that changes whenever a certificate or a host's identity, state or keys
+   * change through this store (not for last_seen or the desired revision). Authentication
+   * keeps a connection's checked principal until it changes (server/src/rpc/auth.ts). A
+   * store shared by several servers must change it on every server (see docs/architecture.md).
+   */
+  credentialsGeneration(): number;
   /** Certificates of a role that are not revoked (expired ones included). */
   countActiveCertificates(role: string): number;
 

@@ -25,6 +25,12 @@
  *   A failed sync leaves the file in an unknown state (a later fsync may "succeed"
  *   without the lost pages ever reaching the disk), so the store then rejects the
  *   waiting units and refuses every further write until the server is restarted.
+ *   Batches are small in this mode (8 units by default): the units that arrived in one
+ *   turn commit as several batches in a row, so the first ones are acknowledged (their
+ *   replies go out) while the later ones still commit. The callers, often one client with
+ *   many calls in flight, then work in parallel with the server instead of in turns; the
+ *   syncs still coalesce. In full-sync mode, where every COMMIT blocks the loop for one
+ *   disk flush, batches are large (256): measured in docs/benchmarks.md (issue 2).
  *
  * The store owns its database file: one process, one connection. Reads are served from
  * the same connection; they never observe a half-run batch because batches run
@@ -77,7 +83,7 @@ export interface SqliteStoreOptions {
   path: string;
   /** Default: a silent logger. */
   logger?: Logger;
-  /** Most units per transaction (default 256). */
+  /** Most units per transaction (default 8 with async-wal-sync, 256 with full-sync). */
   maxBatch?: number;
   /** Clock for audit timestamps (default: system clock). */
   now?: () => Date;
@@ -134,7 +140,8 @@ export interface SqliteStore extends Store {
   durabilitySettings(): { durability: SqliteDurability; journalMode: string; synchronous: 'off' | 'normal' | 'full' | 'extra' };
 }
 
-const DEFAULT_MAX_BATCH = 256;
+/** Most units per batch by durability mode (see the file comment and docs/benchmarks.md). */
+const DEFAULT_MAX_BATCH: Readonly<Record<SqliteDurability, number>> = { 'async-wal-sync': 8, 'full-sync': 256 };
 const BUSY_TIMEOUT_MS = 5000;
 const MAX_INT64 = 2n ** 63n - 1n;
 
@@ -697,6 +704,13 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
   /** True in 'async-wal-sync' mode on a file database: COMMIT alone is not durable. */
   readonly #asyncSync: boolean;
   readonly #syncWal: (fd: number) => Promise<void>;
+  /**
+   * See StoreReader.credentialsGeneration: bumped by every write of a certificate or host
+   * record (except touchHost and bumpHostRevision), when the unit runs. Batches run within
+   * one turn, so a call authenticated after that turn sees the new number and checks the
+   * database again; a unit rolled back only costs one extra check per connection.
+   */
+  #credentialsGeneration = 0;
   /** Our own descriptor of the -wal file (opened at the first sync). */
   #wal: WalHandle | undefined;
   /** The -wal file could not be found: batches are made durable by checkpoints instead. */
@@ -876,6 +890,10 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
 
   isVolumePlacedOnHost(volumeId: string, hostId: string): boolean {
     return this.#s.isVolumePlacedOnHost.get(volumeId, hostId) === 1;
+  }
+
+  credentialsGeneration(): number {
+    return this.#credentialsGeneration;
   }
 
   getHost(id: string): HostRecord | undefined {
@@ -1110,6 +1128,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
 
   insertHost(h: HostRecord): void {
     this.#assertInUnit();
+    this.#credentialsGeneration++;
     run(
       () =>
         this.#s.insertHost.run(h.id, h.name, h.state, blob(h.boxPublicKey), h.certSerial, h.enrolledAt, h.revokedAt, h.lastSeenAt, h.desiredRevision),
@@ -1119,6 +1138,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
 
   updateHost(h: HostRecord): void {
     this.#assertInUnit();
+    this.#credentialsGeneration++;
     let changes = 0;
     run(
       () => {
@@ -1187,6 +1207,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
 
   insertCertificate(c: CertificateRecord): void {
     this.#assertInUnit();
+    this.#credentialsGeneration++;
     run(() => this.#s.insertCertificate.run(c.serial, c.role, c.name, c.issuedAt, c.expiresAt, c.revokedAt), {
       primary: 'certificate',
     });
@@ -1194,6 +1215,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
 
   revokeCertificate(serial: string, revokedAt: string): void {
     this.#assertInUnit();
+    this.#credentialsGeneration++;
     if (this.#s.revokeCertificate.run(revokedAt, serial).changes === 0) throw errors.notFound('certificate');
   }
 
@@ -1668,11 +1690,11 @@ function settleUnits(units: QueuedUnit[], outcomes: UnitOutcome[]): void {
  */
 export function openSqliteStore(options: SqliteStoreOptions): SqliteStore {
   const logger = options.logger ?? silentLogger;
-  const maxBatch = options.maxBatch ?? DEFAULT_MAX_BATCH;
-  if (!Number.isSafeInteger(maxBatch) || maxBatch < 1) throw errors.invalid('maxBatch must be a positive integer');
   if (options.path === '') throw errors.invalid('store path is empty');
   const durability = options.durability ?? 'async-wal-sync';
   if (durability !== 'full-sync' && durability !== 'async-wal-sync') throw errors.invalid('durability must be full-sync or async-wal-sync');
+  const maxBatch = options.maxBatch ?? DEFAULT_MAX_BATCH[durability];
+  if (!Number.isSafeInteger(maxBatch) || maxBatch < 1) throw errors.invalid('maxBatch must be a positive integer');
   assertMigrationsWellFormed(MIGRATIONS);
 
   const memory = options.path === ':memory:';
