@@ -56,7 +56,7 @@ const identities = new WeakMap<TLSSocket, PeerIdentity | null>();
  * would give the same answer (a revocation changes the generation, so the next call checks
  * again and is refused). Only successful checks are kept.
  */
-const checked = new WeakMap<TLSSocket, { generation: number; principal: Principal }>();
+const checked = new WeakMap<TLSSocket, { generation: number; principal: Principal; expiresAtMs: number }>();
 
 /**
  * The TLS socket under a grpc-js server call. grpc-js does not expose it, so this follows
@@ -97,22 +97,30 @@ function peerIdentity(call: ServerSurfaceCall): PeerIdentity | null {
 
 /**
  * Authenticates the caller of `call`. Throws unauthenticated when there is no verified
- * client certificate or it is unknown or revoked, and permission_denied when its role is
- * not in `allowed`.
+ * client certificate or it is unknown, revoked or expired, and permission_denied when its
+ * role is not in `allowed`.
  */
 export function authenticate(call: ServerSurfaceCall, store: StoreReader, allowed: readonly RoleName[]): Principal {
   const socket = tlsSocketOf(call);
   const generation = store.credentialsGeneration();
-  const known = socket && checked.get(socket);
-  const principal = known && known.generation === generation ? known.principal : checkPrincipal(call, store);
-  if (socket && principal !== known?.principal) checked.set(socket, { generation, principal });
+  let known = socket && checked.get(socket);
+  if (!known || known.generation !== generation) {
+    known = { generation, ...checkPrincipal(call, store) };
+    if (socket) checked.set(socket, known);
+  }
+  // TLS checks the validity period at the handshake only; a connection can outlive it.
+  if (Date.now() >= known.expiresAtMs) throw errors.unauthenticated('client certificate has expired');
+  const { principal } = known;
   if (!allowed.includes(principal.role)) throw errors.denied(`role ${principal.role} may not call this method`);
   // A copy: handlers must not be able to change what later calls of the connection see.
   return { ...principal };
 }
 
-/** Checks the connection's certificate against the store: the principal, or unauthenticated. */
-function checkPrincipal(call: ServerSurfaceCall, store: StoreReader): Principal {
+/**
+ * Checks the connection's certificate against the store: the principal and the end of the
+ * certificate's validity, or unauthenticated.
+ */
+function checkPrincipal(call: ServerSurfaceCall, store: StoreReader): { principal: Principal; expiresAtMs: number } {
   const id = peerIdentity(call);
   if (!id) throw errors.unauthenticated('a client certificate is required');
   const { cert, serial } = id;
@@ -129,5 +137,6 @@ function checkPrincipal(call: ServerSurfaceCall, store: StoreReader): Principal 
     principal.hostId = host.id;
     principal.host = { id: host.id, boxPublicKey: host.boxPublicKey };
   }
-  return principal;
+  const expiresAtMs = Date.parse(record.expiresAt);
+  return { principal, expiresAtMs: Number.isNaN(expiresAtMs) ? 0 : expiresAtMs };
 }
