@@ -263,6 +263,33 @@ test('an image deletion leaves a file of an unexpected kind alone', async (t) =>
   t.true(t.context.images.files.has(path));
 });
 
+test('a raw volume whose guest made its disk look like LUKS or qcow2 still starts, and its image can be deleted', async (t) => {
+  // A raw volume's bytes are the guest's: luksFormat on the whole disk gives it a LUKS
+  // header. It must not be refused as "image is luks1, expected raw".
+  for (const looksLike of ['luks1', 'luks2', 'qcow2'] as const) {
+    const g = guest(t, { secret: Buffer.alloc(0), format: VolumeFormat.VOLUME_FORMAT_RAW });
+    const v = g.volumes[0]!;
+    g.volumes[0] = { ...v, keyVersion: 0, packet: undefined };
+    const path = imagePath(t.context.dir, v.volumeId, 'raw');
+    t.context.images.files.set(path, { kind: looksLike, key: Buffer.alloc(0) });
+    const r = await reconcile(state(1n, [g]), t.context.deps);
+    t.is(r.guests[0]!.phase, GuestPhase.GUEST_PHASE_RUNNING, `raw volume that looks like ${looksLike}: ${r.volumes[0]!.reason}`);
+    t.is(t.context.libvirt.states.get(g.name), 'running');
+    t.regex(t.context.libvirt.domainXml.get(g.name) ?? '', /<driver[^>]*type=["']raw["']/, 'the domain pins the format: QEMU does not probe');
+    t.false(t.context.images.created.includes(path), 'nothing was created over it');
+    // Deleted with its volume: the file is removed (it is what virtkm made there).
+    const gone = await reconcile(state(2n, [], [{ volumeId: v.volumeId, format: VolumeFormat.VOLUME_FORMAT_RAW }]), t.context.deps);
+    t.deepEqual(gone.deletedImages, [v.volumeId]);
+    t.false(t.context.images.files.has(path));
+  }
+  // An encrypted format still refuses a file of another kind (never overwrite, never
+  // hand a guest an encrypted image as plain bytes).
+  const enc = guest(t, { secret: randomBytes(32) });
+  t.context.images.files.set(imagePath(t.context.dir, enc.volumes[0]!.volumeId, 'luks'), { kind: 'qcow2', key: Buffer.alloc(0) });
+  const r = await reconcile(state(3n, [enc]), t.context.deps);
+  t.regex(r.volumes[0]!.reason, /image is qcow2, expected luks1/);
+});
+
 test("another agent's domains and secrets on the same libvirtd are left alone", async (t) => {
   const mine = guest(t, { secret: randomBytes(32) });
   await reconcile(state(1n, [mine]), t.context.deps);

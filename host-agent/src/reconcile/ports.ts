@@ -24,3 +24,16 @@ export type KeyringPort = Pick<VolumeKeyring, 'load' | 'retain'>;
 export function expectedKind(format: AgentVolumeFormat): ImageInfo['kind'] {
   return KIND_OF_FORMAT[format];
 }
+
+/**
+ * Whether an existing image of `kind` may serve as a volume of `format`. A `raw` volume's
+ * file is the guest's disk byte for byte: the guest decides what its first bytes look like
+ * (a guest that puts LUKS on its whole disk makes it look like a LUKS image; one may even
+ * write a qcow2 magic), so for raw any existing file matches. The domain pins the format
+ * (`<driver type='raw'/>`), so QEMU never probes it. Every other format has a header that
+ * virtkm wrote and the guest cannot change.
+ */
+export function imageMatchesFormat(format: AgentVolumeFormat, kind: ImageInfo['kind']): boolean {
+  if (kind === 'missing') return false;
+  return format === 'raw' || kind === KIND_OF_FORMAT[format];
+}

@@ -39,7 +39,7 @@ import type { CachedKey, KeyCache } from '../cache/key-cache.js';
 import { luksPassphrase } from '../images/passphrase.js';
 import { isUnencryptedImageFormat } from '../images/types.js';
 import type { DomainInfo, Libvirt } from '../libvirt/ports.js';
-import { expectedKind, type AgentVolumeFormat, type DmCryptPort, type ImagePort, type ImageSpec, type KeyringPort } from './ports.js';
+import { expectedKind, imageMatchesFormat, type AgentVolumeFormat, type DmCryptPort, type ImagePort, type ImageSpec, type KeyringPort } from './ports.js';
 import { diskTargetOf, renderDomainXml, secretUuidFor, type HostVolume } from './render-domain.js';
 import type { JobStatus, OrderContext, RotationDriver } from '../rotate/driver.js';
 
@@ -371,16 +371,18 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
             const made = (await images.inspect(spec.path)).uuid;
             if (made) kept.verifiedHeader = made;
             logger.info('image created', { volume_id: dv.volumeId, format });
-          } else if (info.kind !== expectedKind(format)) {
-            // Never overwrite, never treat an encrypted image as raw.
+          } else if (!imageMatchesFormat(format, info.kind)) {
+            // Never overwrite, never treat an encrypted image as raw (a raw volume's content
+            // is the guest's: see imageMatchesFormat).
             status.phase = VolumePhase.VOLUME_PHASE_FAILED;
             status.reason = `image is ${info.kind}, expected ${expectedKind(format)}`;
             blocked ||= `volume ${dv.name}: ${status.reason}`;
             fatal = true;
             continue;
           } else if (unencrypted) {
-            // No key to check: the kind matched; the image store refuses a damaged one.
-            if (info.damaged) throw errors.precondition('the image header is damaged');
+            // No key to check: the kind matched; the image store refuses a damaged qcow2
+            // (a raw file has no header of ours: what looks damaged is the guest's data).
+            if (info.damaged && format !== 'raw') throw errors.precondition('the image header is damaged');
           } else if (format !== 'plain') {
             const known = info.uuid !== undefined && cache.verifiedHeader(dv.volumeId, version) === info.uuid;
             if (!known && !(await images.testKey(spec.path, spec, secret as Uint8Array))) {
@@ -458,7 +460,7 @@ export async function reconcile(desired: DesiredState, deps: ReconcilerDeps, off
         const path = imagePath(deps.imageDir, d.volumeId, format);
         const info = await images.inspect(path);
         // Only what virtkm would have made there: a file of another kind is left alone.
-        if (info.kind !== 'missing' && info.kind !== expectedKind(format)) {
+        if (info.kind !== 'missing' && !imageMatchesFormat(format, info.kind)) {
           logger.warn('not deleting an image of an unexpected kind', { volume_id: d.volumeId, kind: info.kind });
           continue;
         }
