@@ -108,9 +108,10 @@ function zeroFile(path: string): void {
  * another name of `live` (a crash between the link and the rename), only the name goes.
  */
 function shredIfPresent(path: string, live?: string): void {
-  if (!existsSync(path)) return;
-  const same = live !== undefined && existsSync(live) && statSync(live).ino === statSync(path).ino && statSync(live).dev === statSync(path).dev;
-  if (!same) zeroFile(path);
+  const st = statSync(path, { throwIfNoEntry: false });
+  if (!st) return;
+  const other = live === undefined ? undefined : statSync(live, { throwIfNoEntry: false });
+  if (!(other && other.ino === st.ino && other.dev === st.dev)) zeroFile(path);
   unlinkSync(path);
 }
 

@@ -5,7 +5,7 @@ import { errors } from '../../../shared/src/errors.js';
 import { parseDurationSeconds } from '../domain/duration.js';
 import type { LogLevel } from '../../../shared/src/log.js';
 import { parseMemoryLockMode, type MemoryLockMode } from '../../../shared/src/memory-lock.js';
-import type { SqliteDurability } from '../store/sqlite-store.js';
+import { SQLITE_DURABILITIES, type SqliteDurability } from '../store/sqlite-store.js';
 
 /** What the operator may set. */
 export interface ServerRunOptions {
@@ -57,10 +57,8 @@ function checkRange(flag: string, n: number, min: number, max: number): number {
   return n;
 }
 
-const DURABILITY: readonly SqliteDurability[] = ['async-wal-sync', 'full-sync'];
-
 function checkDurability(d: string): SqliteDurability {
-  if (!(DURABILITY as readonly string[]).includes(d)) throw errors.invalid(`--durability must be one of ${DURABILITY.join(', ')}`);
+  if (!(SQLITE_DURABILITIES as readonly string[]).includes(d)) throw errors.invalid(`--durability must be one of ${SQLITE_DURABILITIES.join(', ')}`);
   return d as SqliteDurability;
 }
 

@@ -81,9 +81,11 @@ function identityOf(cert: PeerCertificate | undefined): PeerIdentity | null {
   return { cert, serial: normalizeSerial(cert.serialNumber) };
 }
 
-/** The verified client certificate of the call's connection, parsed once per connection. */
-function peerIdentity(call: ServerSurfaceCall): PeerIdentity | null {
-  const socket = tlsSocketOf(call);
+/**
+ * The verified client certificate of the call's connection (`socket`: tlsSocketOf(call)),
+ * parsed once per connection.
+ */
+function peerIdentity(call: ServerSurfaceCall, socket: TLSSocket | undefined): PeerIdentity | null {
   if (!socket) return identityOf(call.getAuthContext().sslPeerCertificate);
   // As grpc-js's getAuthContext: no certificate unless the TLS layer verified it.
   if (!socket.authorized) return null;
@@ -105,7 +107,7 @@ export function authenticate(call: ServerSurfaceCall, store: StoreReader, allowe
   const generation = store.credentialsGeneration();
   let known = socket && checked.get(socket);
   if (!known || known.generation !== generation) {
-    known = { generation, ...checkPrincipal(call, store) };
+    known = { generation, ...checkPrincipal(call, socket, store) };
     if (socket) checked.set(socket, known);
   }
   // TLS checks the validity period at the handshake only; a connection can outlive it.
@@ -120,8 +122,8 @@ export function authenticate(call: ServerSurfaceCall, store: StoreReader, allowe
  * Checks the connection's certificate against the store: the principal and the end of the
  * certificate's validity, or unauthenticated.
  */
-function checkPrincipal(call: ServerSurfaceCall, store: StoreReader): { principal: Principal; expiresAtMs: number } {
-  const id = peerIdentity(call);
+function checkPrincipal(call: ServerSurfaceCall, socket: TLSSocket | undefined, store: StoreReader): { principal: Principal; expiresAtMs: number } {
+  const id = peerIdentity(call, socket);
   if (!id) throw errors.unauthenticated('a client certificate is required');
   const { cert, serial } = id;
   const role = firstValue(cert.subject.OU) as RoleName | undefined;

@@ -111,6 +111,8 @@ export interface SqliteStoreOptions {
 
 /** See SqliteStoreOptions.durability. */
 export type SqliteDurability = 'full-sync' | 'async-wal-sync';
+/** Every durability mode, the default first. */
+export const SQLITE_DURABILITIES: readonly SqliteDurability[] = ['async-wal-sync', 'full-sync'];
 
 /** Counters of the write path, for tests and metrics. */
 export interface SqliteStoreStats {
@@ -1602,19 +1604,15 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
   #checkpoint(reason: string): void {
     if (this.#memory) return;
     try {
-      const r = this.#db.pragma('wal_checkpoint(TRUNCATE)') as { busy: number }[];
-      if (r[0]?.busy) this.#logger.warn('WAL checkpoint incomplete', { reason, path: this.#path });
+      this.#checkpointOrThrow();
     } catch (err) {
-      this.#logger.warn('WAL checkpoint failed', { reason, ...describeError(err) });
+      this.#logger.warn('WAL checkpoint failed or incomplete', { reason, path: this.#path, ...describeError(err) });
     }
   }
 
   #closeNow(): void {
     this.#checkpoint('close');
-    if (this.#wal) {
-      fs.closeSync(this.#wal.fd);
-      this.#wal = undefined;
-    }
+    this.#dropWal(false);
     this.#db.close();
     this.#logger.info('store closed');
   }
@@ -1692,7 +1690,7 @@ export function openSqliteStore(options: SqliteStoreOptions): SqliteStore {
   const logger = options.logger ?? silentLogger;
   if (options.path === '') throw errors.invalid('store path is empty');
   const durability = options.durability ?? 'async-wal-sync';
-  if (durability !== 'full-sync' && durability !== 'async-wal-sync') throw errors.invalid('durability must be full-sync or async-wal-sync');
+  if (!SQLITE_DURABILITIES.includes(durability)) throw errors.invalid(`durability must be one of ${SQLITE_DURABILITIES.join(', ')}`);
   const maxBatch = options.maxBatch ?? DEFAULT_MAX_BATCH[durability];
   if (!Number.isSafeInteger(maxBatch) || maxBatch < 1) throw errors.invalid('maxBatch must be a positive integer');
   assertMigrationsWellFormed(MIGRATIONS);
