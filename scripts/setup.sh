@@ -16,10 +16,11 @@ die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
 # Debian packages. Tests use openssl and sqlite3 (to inspect the database) and procps
 # (pgrep/ps, to check for leftover processes). g++ (which brings gcc) also builds the small
 # madvise library that lets the services lock all of their memory (scripts/build-native.mjs).
+# libsodium23: the server seals key packets with the native libsodium (shared/src/native-sodium.ts).
 # python3, make and g++ are needed by
 # `npm ci` whenever a native addon (better-sqlite3, koffi) is compiled from source because
 # no prebuilt binary can be downloaded.
-APT_PACKAGES=(openssl sqlite3 procps ca-certificates python3 make gcc g++)
+APT_PACKAGES=(openssl sqlite3 procps ca-certificates python3 make gcc g++ libsodium23)
 # With --host-tools (the test suite): what the agent drives on a libvirt host: libvirtd and
 # QEMU (KVM or TCG), qemu-img/qemu-io, cryptsetup, the kernel keyring tools, and the
 # PKCS#11 (SoftHSM2) and TPM 2.0 (swtpm, tpm2-tools) stand-ins of the sealer tests.

@@ -4,7 +4,7 @@
  */
 import test from 'ava';
 import { loadSodium, sodium } from '../../shared/src/sodium.js';
-import { SEAL_OVERHEAD, boxRecipient, generateBoxKeyPair, openSealed, sealToRecipient } from '../../shared/src/box.js';
+import { SEAL_OVERHEAD, boxRecipient, ephemeralShare, generateBoxKeyPair, openSealed, sealToRecipient, sealWithShare } from '../../shared/src/box.js';
 
 test.before(async () => {
   await loadSodium();
@@ -161,5 +161,31 @@ test('one recipient seals many packets, each opening independently', (t) => {
   for (let i = 0; i < 20; i++) {
     const m = message(i * 13);
     t.deepEqual(Uint8Array.from(sodium().crypto_box_seal_open(sealToRecipient(m, r), host.publicKey, host.secretKey)), m);
+  }
+});
+
+test('sealWithShare with an ephemeralShare is crypto_box_seal: libsodium opens it, and the box key is beforenm from either side', (t) => {
+  const host = generateBoxKeyPair();
+  const r = boxRecipient(host.publicKey);
+  const seen = new Set<string>();
+  for (const len of LENGTHS) {
+    const share = ephemeralShare(r);
+    t.false(seen.has(hex(share.publicKey)), 'a fresh ephemeral key per share');
+    seen.add(hex(share.publicKey));
+    // The host computes the same key from its secret key and the ephemeral public key.
+    t.is(hex(share.sharedKey), hex(sodium().crypto_box_beforenm(share.publicKey, host.secretKey)));
+    const m = message(len);
+    const sealed = sealWithShare(m, r, share);
+    t.is(sealed.length, len + SEAL_OVERHEAD);
+    t.is(hex(sealed.subarray(0, 32)), hex(share.publicKey));
+    t.deepEqual(Uint8Array.from(sodium().crypto_box_seal_open(sealed, host.publicKey, host.secretKey)), m);
+  }
+});
+
+test('the native seal refuses a low-order key even when boxRecipient was bypassed', (t) => {
+  for (const p of LOW_ORDER_POINTS.slice(0, 4)) {
+    const forged = { raw: Buffer.from(p, 'hex') };
+    t.throws(() => sealToRecipient(message(8), forged), { instanceOf: RangeError, message: /low order/ }, p);
+    t.throws(() => ephemeralShare(forged), { instanceOf: RangeError, message: /low order/ }, p);
   }
 });

@@ -38,7 +38,7 @@ test('shares seal packets that libsodium opens, and no share is handed out twice
       seen.add(epk);
       const m = Uint8Array.from([i, 1, 2, 3]);
       const sealed = sealWithShare(m, r, share);
-      share.shared.fill(0);
+      share.sharedKey.fill(0);
       t.deepEqual(Uint8Array.from(sodium().crypto_box_seal_open(sealed, host.publicKey, host.secretKey)), m);
     }
     t.true(pool.stats().hits >= 100);
@@ -57,7 +57,7 @@ test('a new key for the same host drops the shares made for the old one', async 
     t.is(pool.take('h', rNew), undefined, 'no old share is handed out for the new key');
     const share = await takeWhenReady(pool, 'h', rNew);
     const sealed = sealWithShare(Uint8Array.from([9]), rNew, share);
-    share.shared.fill(0);
+    share.sharedKey.fill(0);
     t.deepEqual(Uint8Array.from(sodium().crypto_box_seal_open(sealed, newKey.publicKey, newKey.secretKey)), Uint8Array.from([9]));
     t.throws(() => sodium().crypto_box_seal_open(sealed, oldKey.publicKey, oldKey.secretKey));
   } finally {

@@ -2,6 +2,7 @@
  * Composition root of `virtkm-server run`: unseal, open, wire, serve, shut down on signals.
  */
 import { readFileSync } from 'node:fs';
+import { nativeSodium } from '../../../shared/src/native-sodium.js';
 import { loadSodium } from '../../../shared/src/sodium.js';
 import { createLogger, describeError } from '../../../shared/src/log.js';
 import { hardenProcess } from '../../../shared/src/process-hygiene.js';
@@ -29,6 +30,8 @@ export async function runCommand(raw: ServerRunOptions): Promise<void> {
   const hygiene = hardenProcess(logger, { memoryLock: opts.memoryLock });
   logger.info('starting', { data_dir: opts.dataDir, dumpable: hygiene.dumpable, memory_locked: hygiene.memoryLocked, secrets_locked: hygiene.secretsLocked, locked_bytes: hygiene.lockedBytes, durability: opts.durability });
   await loadSodium();
+  // Key packets are sealed with the native libsodium: fail now, not at the first release.
+  nativeSodium();
   const paths = dataDirPaths(opts.dataDir);
   if (!existsSync(paths.masterKey)) throw errors.precondition(`${opts.dataDir} is not an initialised data directory`, { hint: 'run `virtkm-server init --data-dir DIR` first' });
 

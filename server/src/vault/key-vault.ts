@@ -93,7 +93,7 @@ export function createKeyVault(masterKey: WrappingKey): KeyVault {
           sealed = share ? sealWithShare(encoded, to.recipient, share) : sealToRecipient(encoded, to.recipient);
         } finally {
           // One share, one packet: its secret is wiped in the pool's slab right away.
-          if (share) wipe(share.shared);
+          if (share) wipe(share.sharedKey);
         }
         return { volumeId: volume.id, keyVersion: kv.version, sealed: Buffer.from(sealed.buffer, sealed.byteOffset, sealed.byteLength) };
       } finally {
