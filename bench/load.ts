@@ -1,6 +1,6 @@
 /**
  * Bench helpers: a closed-loop load driver (a fixed number of calls in flight, bounded by
- * time and by count), latency statistics, and CPU accounting of this process and of a
+ * time and by count), an open-loop one (calls started at a fixed rate), latency statistics, and CPU accounting of this process and of a
  * child process (from /proc), so every rate can be read next to how busy the machine was.
  */
 import { spawnSync } from 'node:child_process';
@@ -164,6 +164,94 @@ export async function runClosedLoop(opts: LoadOptions, call: (i: number) => Prom
     }
   };
   await Promise.all(Array.from({ length: opts.concurrency }, worker));
+  const cpu = meter();
+  const seconds = (lastDone - start) / 1000;
+  return {
+    calls: latencies.length,
+    errors,
+    firstError,
+    seconds,
+    rate: seconds > 0 ? latencies.length / seconds : 0,
+    latency: latencyStats(latencies),
+    clientCpuPercent: cpu.self,
+    serverCpuPercent: cpu.other,
+    machineCpuPercent: cpu.machine,
+    latencies,
+  };
+}
+
+/** Options of runOpenLoop. */
+export interface OpenLoopOptions {
+  /** Calls started per second, evenly spaced, whether or not earlier ones have finished. */
+  rate: number;
+  seconds: number;
+  /** Calls allowed in flight; a call due while this many are outstanding counts as an error. */
+  maxOutstanding: number;
+  serverPid?: number | undefined;
+}
+
+/**
+ * Starts calls at a fixed rate (an open loop, as independent clients would) for `seconds`
+ * and measures each call's latency from the moment it was DUE, not from when the loop got
+ * round to sending it: a stalled server or client then shows up in the latency instead of
+ * silently lowering the offered load (no coordinated omission). Calls that would exceed
+ * `maxOutstanding` are not sent and count as errors, so an overloaded server ends the run
+ * with errors rather than an unbounded queue.
+ */
+export async function runOpenLoop(opts: OpenLoopOptions, call: (i: number) => Promise<void>): Promise<LoadResult> {
+  const latencies: number[] = [];
+  let errors = 0;
+  let firstError: string | undefined;
+  let outstanding = 0;
+  const inFlight = new Set<Promise<void>>();
+  const meter = cpuMeter(opts.serverPid);
+  const start = performance.now();
+  const total = Math.floor(opts.rate * opts.seconds);
+  const intervalMs = 1000 / opts.rate;
+  let next = 0;
+  let lastDone = start;
+  const fail = (msg: string) => {
+    errors++;
+    firstError ??= msg;
+  };
+  const issue = (i: number, due: number) => {
+    if (outstanding >= opts.maxOutstanding) {
+      fail(`more than ${opts.maxOutstanding} calls outstanding`);
+      return;
+    }
+    outstanding++;
+    const p = call(i).then(
+      () => {
+        const t1 = performance.now();
+        latencies.push(t1 - due);
+        lastDone = t1;
+      },
+      (err: unknown) => {
+        lastDone = performance.now();
+        fail(err instanceof Error ? err.message : String(err));
+      },
+    );
+    const tracked = p.finally(() => {
+      outstanding--;
+      inFlight.delete(tracked);
+    });
+    inFlight.add(tracked);
+  };
+  while (next < total) {
+    const now = performance.now();
+    // Every call due by now goes out in this turn; then yield until the next one is due.
+    while (next < total && start + next * intervalMs <= now) {
+      issue(next, start + next * intervalMs);
+      next++;
+    }
+    // A timer of at least 1 ms, never setImmediate: spinning would take the CPU the server
+    // under test needs. Calls due meanwhile go out together at the next tick, and their
+    // latency still counts from when they were due (so the timer's delay is counted too,
+    // for the echo ceiling as for the server).
+    const wait = start + next * intervalMs - performance.now();
+    await new Promise<void>((resolve) => setTimeout(resolve, Math.max(1, Math.floor(wait))));
+  }
+  await Promise.all([...inFlight]);
   const cpu = meter();
   const seconds = (lastDone - start) / 1000;
   return {

@@ -11,7 +11,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DomainError } from '../../shared/src/errors.js';
-import { MIGRATIONS } from '../../server/src/store/migrations.js';
+import { LATEST_SCHEMA_VERSION, MIGRATIONS } from '../../server/src/store/migrations.js';
 import { openSqliteStore } from '../../server/src/store/sqlite-store.js';
 
 const T = '2026-01-01T00:00:00.000Z';
@@ -119,7 +119,7 @@ test('migration v4 keeps every row of a v3 database, its foreign keys, cascades 
           t.true(idx.includes(name), `index ${name}`);
         }
         t.deepEqual(raw.prepare('PRAGMA foreign_key_check').all(), []);
-        t.is(raw.prepare<[], { v: number }>('SELECT max(version) AS v FROM schema_migrations').get()?.v, 4);
+        t.is(raw.prepare<[], { v: number }>('SELECT max(version) AS v FROM schema_migrations').get()?.v, LATEST_SCHEMA_VERSION);
       } finally {
         raw.close();
       }

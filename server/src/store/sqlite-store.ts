@@ -253,6 +253,7 @@ const HOST_COLS = 'id, name, state, box_public_key, cert_serial, enrolled_at, re
 const TOKEN_COLS = 'id, host_name, secret_hash, created_at, expires_at, used_at, created_by';
 const CERT_COLS = 'serial, role, name, issued_at, expires_at, revoked_at';
 const AUDIT_COLS = 'seq, time, actor, action, target, outcome, detail_json, prev_hash, hash';
+const AUDIT_COLS_OF = (alias: string) => AUDIT_COLS.split(', ').map((c) => `${alias}.${c}`).join(', ');
 
 /** Every statement, prepared once at open (preparing costs more than running a hot query). */
 function prepareStatements(db: Database.Database) {
@@ -412,15 +413,20 @@ function prepareStatements(db: Database.Database) {
     listAuditByAction: db.prepare<[number, string, number], AuditRow>(
       `SELECT ${AUDIT_COLS} FROM audit_log WHERE seq > ? AND action = ? ORDER BY seq LIMIT ?`,
     ),
-    listAuditByTarget: db.prepare<[number, string, number], AuditRow>(
-      `SELECT ${AUDIT_COLS} FROM audit_log WHERE seq > ? AND target = ? ORDER BY seq LIMIT ?`,
+    // By target through the audit index (attachAuditIndex), then the entries by seq.
+    listAuditByTarget: db.prepare<[string, number, number], AuditRow>(
+      `SELECT ${AUDIT_COLS_OF('a')} FROM ${AUDIT_INDEX}.by_target t JOIN audit_log a ON a.seq = t.seq
+        WHERE t.target = ? AND t.seq > ? ORDER BY t.seq LIMIT ?`,
     ),
-    listAuditByActionTarget: db.prepare<[number, string, string, number], AuditRow>(
-      `SELECT ${AUDIT_COLS} FROM audit_log WHERE seq > ? AND action = ? AND target = ? ORDER BY seq LIMIT ?`,
+    listAuditByActionTarget: db.prepare<[string, number, string, number], AuditRow>(
+      `SELECT ${AUDIT_COLS_OF('a')} FROM ${AUDIT_INDEX}.by_target t JOIN audit_log a ON a.seq = t.seq
+        WHERE t.target = ? AND t.seq > ? AND a.action = ? ORDER BY t.seq LIMIT ?`,
     ),
     insertAudit: db.prepare<[number, string, string, string, string, string, string, string, string]>(
       `INSERT INTO audit_log (${AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     ),
+    insertAuditTarget: db.prepare<[string, number]>(`INSERT INTO ${AUDIT_INDEX}.by_target (target, seq) VALUES (?, ?)`),
+    setAuditIndexUpto: db.prepare<[number]>(`UPDATE ${AUDIT_INDEX}.state SET upto = ? WHERE id = 1`),
 
     // Settings.
     getSetting: db.prepare<[string], string>('SELECT value FROM settings WHERE key = ?').pluck(),
@@ -596,6 +602,87 @@ const PAGE_CACHE_KIB = 64 * 1024;
  * affected: only when committed pages are copied into the main file.
  */
 const WAL_AUTOCHECKPOINT_PAGES = 10_000;
+
+/** Schema name of the attached audit index (attachAuditIndex). */
+const AUDIT_INDEX = 'audit_index';
+/** Page cache of the audit index, KiB: small on purpose (see attachAuditIndex). */
+const AUDIT_INDEX_CACHE_KIB = 4 * 1024;
+
+/** The audit index's file next to the database (`virtkm.db-audit-index`). */
+export function auditIndexPath(dbPath: string): string {
+  return `${dbPath}-audit-index`;
+}
+
+/**
+ * The audit log's index by target, in a database file of its own, attached to the store's
+ * connection as `audit_index`: `by_target(target, seq)` and `state(upto)`, the highest seq
+ * it covers. appendAudit writes both in the same transaction as the entry.
+ *
+ * Why apart: key releases add audit entries for random volumes, so each one inserts at a
+ * random place of this index, and its page splits renumber pages through a scratch page
+ * number far beyond the end of the file; SQLite's page cache then scans every slot of its
+ * hash table at the next COMMIT (pcache1TruncateUnsafe). In the main file that is the
+ * whole 64 MiB cache (~16,000 pages), about 200 µs per such COMMIT; in a file of its own,
+ * with a 4 MiB cache, a sixteenth of it (docs/benchmarks.md, run G).
+ *
+ * It is derived data: SQLite commits each attached WAL database on its own, so a crash
+ * between the two may leave the index one transaction behind or ahead of audit_log, and
+ * the index is synced only at its checkpoints (synchronous=NORMAL, consistent but perhaps
+ * not durable). So at every open it is brought back to exactly audit_log: entries past
+ * audit_log's end are deleted, missing ones inserted (all of them for a new or lost file,
+ * e.g. after a restore of the main file alone). A file that SQLite calls corrupt or not a
+ * database is deleted and rebuilt. The audit chain itself never depends on it.
+ */
+function attachAuditIndex(db: Database.Database, dbPath: string, memory: boolean, exclusive: boolean, logger: Logger): void {
+  const path = memory ? ':memory:' : auditIndexPath(dbPath);
+  const attach = () => {
+    if (!memory) prepareDatabaseFile(path, logger);
+    db.prepare(`ATTACH DATABASE ? AS ${AUDIT_INDEX}`).run(path);
+    if (exclusive && !memory) db.pragma(`${AUDIT_INDEX}.locking_mode = EXCLUSIVE`);
+    const mode = db.pragma(`${AUDIT_INDEX}.journal_mode = WAL`, { simple: true });
+    if (!memory && mode !== 'wal') throw new Error(`could not enable WAL journal for the audit index (got ${String(mode)})`);
+    db.pragma(`${AUDIT_INDEX}.synchronous = NORMAL`);
+    db.pragma(`${AUDIT_INDEX}.cache_size = -${AUDIT_INDEX_CACHE_KIB}`);
+    db.exec(`
+      CREATE TABLE IF NOT EXISTS ${AUDIT_INDEX}.by_target (target TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (target, seq)) WITHOUT ROWID, STRICT;
+      CREATE TABLE IF NOT EXISTS ${AUDIT_INDEX}.state (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL) STRICT;
+      INSERT OR IGNORE INTO ${AUDIT_INDEX}.state (id, upto) VALUES (1, 0);`);
+    repairAuditIndex(db, logger);
+  };
+  try {
+    attach();
+  } catch (err) {
+    const code = sqliteCode(err);
+    if (memory || (code !== 'SQLITE_CORRUPT' && code !== 'SQLITE_NOTADB')) throw err;
+    logger.warn('audit index unreadable; rebuilding it from the audit log', { path, code });
+    try {
+      db.exec(`DETACH DATABASE ${AUDIT_INDEX}`);
+    } catch {
+      // not attached
+    }
+    for (const f of [path, `${path}-wal`, `${path}-shm`]) fs.rmSync(f, { force: true });
+    attach();
+  }
+}
+
+/** Makes the audit index cover exactly audit_log (see attachAuditIndex). */
+function repairAuditIndex(db: Database.Database, logger: Logger): void {
+  db.transaction(() => {
+    const last = Number(db.prepare<[], number>('SELECT coalesce(max(seq), 0) FROM audit_log').pluck().get() ?? 0);
+    const upto = Number(db.prepare<[], number>(`SELECT upto FROM ${AUDIT_INDEX}.state WHERE id = 1`).pluck().get() ?? 0);
+    if (upto === last) return;
+    let removed = 0;
+    let added = 0;
+    if (upto > last) {
+      // A scan of the index; only after a crash between the two files' commits or a restore.
+      removed = db.prepare<[number]>(`DELETE FROM ${AUDIT_INDEX}.by_target WHERE seq > ?`).run(last).changes;
+    } else {
+      added = db.prepare<[number]>(`INSERT OR IGNORE INTO ${AUDIT_INDEX}.by_target (target, seq) SELECT target, seq FROM audit_log WHERE seq > ? ORDER BY target, seq`).run(upto).changes;
+    }
+    db.prepare<[number]>(`UPDATE ${AUDIT_INDEX}.state SET upto = ? WHERE id = 1`).run(last);
+    logger.info('audit index brought up to date', { covered_before: upto, audit_entries: last, added, removed });
+  })();
+}
 
 function configure(db: Database.Database, memory: boolean, durability: SqliteDurability): void {
   const mode = db.pragma('journal_mode = WAL', { simple: true });
@@ -971,9 +1058,9 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
     const action = q.action === undefined || q.action === '' ? undefined : q.action;
     const target = q.target === undefined || q.target === '' ? undefined : q.target;
     let rows: AuditRow[];
-    if (action !== undefined && target !== undefined) rows = this.#s.listAuditByActionTarget.all(after, action, target, limit + 1);
+    if (action !== undefined && target !== undefined) rows = this.#s.listAuditByActionTarget.all(target, after, action, limit + 1);
     else if (action !== undefined) rows = this.#s.listAuditByAction.all(after, action, limit + 1);
-    else if (target !== undefined) rows = this.#s.listAuditByTarget.all(after, target, limit + 1);
+    else if (target !== undefined) rows = this.#s.listAuditByTarget.all(target, after, limit + 1);
     else rows = this.#s.listAudit.all(after, limit + 1);
     return toPage(rows.map(toAudit), limit, (e) => encodePageToken('audit', e.seq));
   }
@@ -1245,6 +1332,8 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
       record.prevHash,
       record.hash,
     );
+    this.#s.insertAuditTarget.run(record.target, record.seq);
+    this.#s.setAuditIndexUpto.run(record.seq);
     // Advance the in-memory head only once the row is in; #runBatch rewinds it if the
     // unit's savepoint or the batch's COMMIT is rolled back.
     this.#head = { seq: record.seq, hash: record.hash };
@@ -1612,6 +1701,14 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
 
   #closeNow(): void {
     this.#checkpoint('close');
+    if (!this.#memory) {
+      try {
+        // The audit index's WAL folded too; it is rebuilt at open if this does not happen.
+        this.#db.pragma(`${AUDIT_INDEX}.wal_checkpoint(TRUNCATE)`);
+      } catch (err) {
+        this.#logger.warn('audit index checkpoint failed', describeError(err));
+      }
+    }
     this.#dropWal(false);
     this.#db.close();
     this.#logger.info('store closed');
@@ -1707,6 +1804,7 @@ export function openSqliteStore(options: SqliteStoreOptions): SqliteStore {
       tightenMode(`${options.path}-shm`, logger);
     }
     const schemaVersion = migrate(db, logger);
+    attachAuditIndex(db, options.path, memory, options.exclusive === true, logger);
     // Migrations (and the exclusive lock's empty transaction) committed outside the group
     // commit, so with synchronous=NORMAL nothing synced them yet: once, blocking, at open.
     if (!memory && durability === 'async-wal-sync') syncFileSync(`${options.path}-wal`);
