@@ -375,6 +375,8 @@ interface Results {
   setup: { volumes: number; guests: number; guestSeconds: number; enrollSeconds: number };
   sizes: { createResponseBytes: number; release1ResponseBytes: number; releaseBatchResponseBytes: number };
   fsyncPerSecond: number;
+  /** Slow WAL fdatasyncs the server logged (50 ms or more). */
+  slowSyncs: { count: number; maxMs: number };
   phases: Record<string, PhaseRecord>;
   verification: { responsesChecked: number; packetsChecked: number; distinctVolumes: number };
   targets: { name: string; value: number; ceiling: string; target: string; pass: boolean }[];
@@ -601,6 +603,20 @@ async function run(opts: BenchOptions): Promise<Results> {
     { name: 'volume creations/s', value: c.rate, ceiling: `${ec.rate.toFixed(0)} echo/s, ${fsyncPerSecond.toFixed(0)} fdatasync/s`, target: `>= ${TARGETS.creationsPerSecond}`, pass: c.rate >= TARGETS.creationsPerSecond },
   ];
 
+  // The server's own account of slow WAL fdatasyncs (logged at most once per 10 s each).
+  const slowSyncs = { count: 0, maxMs: 0 };
+  for (const line of server.logs().split('\n')) {
+    if (!line.includes('slow WAL fdatasync')) continue;
+    try {
+      const l = JSON.parse(line) as { slow_syncs?: number; max_ms?: number };
+      slowSyncs.count += l.slow_syncs ?? 0;
+      slowSyncs.maxMs = Math.max(slowSyncs.maxMs, l.max_ms ?? 0);
+    } catch {
+      // not a log line
+    }
+  }
+  log(`server: ${slowSyncs.count} WAL fdatasyncs of 50 ms or more logged during the run${slowSyncs.count > 0 ? `, the longest ${slowSyncs.maxMs} ms` : ''}`);
+
   // 6. Stop everything now so the server writes its profile.
   await runCleanups();
   let profile: Results['profile'];
@@ -622,6 +638,7 @@ async function run(opts: BenchOptions): Promise<Results> {
     setup: { volumes: opts.volumes, guests: guestCount, guestSeconds, enrollSeconds },
     sizes: { createResponseBytes, release1ResponseBytes, releaseBatchResponseBytes },
     fsyncPerSecond,
+    slowSyncs,
     phases,
     verification: { responsesChecked, packetsChecked: verify.packetsChecked, distinctVolumes: verify.secrets.size },
     targets,
@@ -719,6 +736,7 @@ function report(r: Results): string {
   for (const p of Object.values(r.phases)) {
     if (p.roundRates.length > 1) lines.push(`  per round, ${p.label}: ${p.roundRates.map((x) => fmt(x)).join(', ')} calls/s`);
   }
+  lines.push(`server log: ${r.slowSyncs.count} WAL fdatasyncs of 50 ms or more${r.slowSyncs.count > 0 ? ` (longest ${r.slowSyncs.maxMs} ms)` : ''}`);
   lines.push(`verification: ${r.verification.responsesChecked} sampled responses, ${r.verification.packetsChecked} packets opened with the host's box key and decoded to the requested volume (${r.verification.distinctVolumes} distinct volumes): OK`);
   lines.push('');
   lines.push(table(targetRows(r)));

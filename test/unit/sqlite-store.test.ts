@@ -1089,3 +1089,28 @@ test('durability: fdatasyncFd (the default syncWal) really calls fdatasync: ok o
   const err = await t.throwsAsync(fdatasyncFd(fd));
   t.is((err as NodeJS.ErrnoException | undefined)?.code, 'EBADF');
 });
+
+test('durability: a slow fdatasync is counted and logged, rate-limited; fast ones are not', async (t) => {
+  const log = captureLogger();
+  let delayMs = 0;
+  const store = t.context.open({
+    logger: log.logger,
+    // No real fdatasync: its time on a shared disk is what this test must not depend on.
+    syncWal: (fd) => (delayMs > 0 ? new Promise<void>((resolve) => setTimeout(resolve, delayMs)) : Promise.resolve(void fd)),
+  });
+  await store.write((tx) => tx.insertVolume(volume('fast')));
+  t.is(store.stats().slowWalSyncs, 0);
+  const slowLines = () => log.lines().filter((l) => l.level === 'warn' && l.msg === 'slow WAL fdatasync');
+  t.is(slowLines().length, 0);
+  delayMs = 70;
+  await store.write((tx) => tx.insertVolume(volume('slow1')));
+  await store.write((tx) => tx.insertVolume(volume('slow2')));
+  const s = store.stats();
+  t.is(s.slowWalSyncs, 2);
+  t.true(s.maxWalSyncMs >= 60, `max ${s.maxWalSyncMs} ms`);
+  const lines = slowLines();
+  t.is(lines.length, 1, 'the second slow sync within 10 s is counted, not logged');
+  t.is(lines[0]!['slow_syncs'], 1);
+  t.true(Number(lines[0]!['max_ms']) >= 60);
+  await store.close();
+});

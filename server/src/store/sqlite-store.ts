@@ -126,7 +126,16 @@ export interface SqliteStoreStats {
   failedBatches: number;
   /** WAL fdatasyncs completed by the store (async-wal-sync mode; 0 in full-sync mode). */
   walSyncs: number;
+  /** Of those, the ones that took SLOW_SYNC_MS or longer (each delayed every reply waiting on it). */
+  slowWalSyncs: number;
+  /** The longest WAL fdatasync so far, ms. */
+  maxWalSyncMs: number;
 }
+
+/** A WAL fdatasync this long or longer is logged (rate-limited) and counted as slow. */
+const SLOW_SYNC_MS = 50;
+/** At most one "slow WAL fdatasync" log line per this many ms. */
+const SLOW_SYNC_LOG_INTERVAL_MS = 10_000;
 
 /**
  * The SQLite store. Units given to `write` MUST be synchronous functions: the transaction
@@ -825,7 +834,9 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
   #scheduled = false;
   #idleWaiters: (() => void)[] = [];
   #closing: Promise<void> | undefined;
-  readonly #stats: SqliteStoreStats = { commits: 0, units: 0, failedUnits: 0, failedBatches: 0, walSyncs: 0 };
+  readonly #stats: SqliteStoreStats = { commits: 0, units: 0, failedUnits: 0, failedBatches: 0, walSyncs: 0, slowWalSyncs: 0, maxWalSyncMs: 0 };
+  /** Slow syncs not yet logged, and when the last log line was written. */
+  #slowSyncLog = { unlogged: 0, maxMs: 0, at: Number.NEGATIVE_INFINITY };
 
   constructor(
     db: Database.Database,
@@ -1517,6 +1528,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
       return;
     }
     this.#syncInFlight = true;
+    const t0 = performance.now();
     let started: Promise<void>;
     try {
       started = this.#syncWal(fd);
@@ -1527,6 +1539,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
       () => {
         this.#syncInFlight = false;
         this.#stats.walSyncs++;
+        this.#noteSyncTime(performance.now() - t0);
         this.#durableSeq = target;
         this.#settleDurable();
         this.#startSync();
@@ -1536,6 +1549,26 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
         this.#onSyncFailed(err);
       },
     );
+  }
+
+  /**
+   * Counts a slow sync and logs slow ones, at most once per SLOW_SYNC_LOG_INTERVAL_MS: the
+   * storage's tail latency is the floor of every durable write's latency (key releases
+   * included), so an operator chasing slow releases should see it in the log.
+   */
+  #noteSyncTime(ms: number): void {
+    if (ms > this.#stats.maxWalSyncMs) this.#stats.maxWalSyncMs = ms;
+    if (ms < SLOW_SYNC_MS) return;
+    this.#stats.slowWalSyncs++;
+    const log = this.#slowSyncLog;
+    log.unlogged++;
+    log.maxMs = Math.max(log.maxMs, ms);
+    const now = performance.now();
+    if (now - log.at < SLOW_SYNC_LOG_INTERVAL_MS) return;
+    this.#logger.warn('slow WAL fdatasync', { slow_syncs: log.unlogged, max_ms: Math.round(log.maxMs), threshold_ms: SLOW_SYNC_MS, path: `${this.#path}-wal` });
+    log.unlogged = 0;
+    log.maxMs = 0;
+    log.at = now;
   }
 
   /**
