@@ -180,6 +180,25 @@ export async function runClosedLoop(opts: LoadOptions, call: (i: number) => Prom
   };
 }
 
+/**
+ * The p-th percentile of a set of durations weighted by their length: the length of the
+ * one in progress at a moment chosen uniformly at random over their (back-to-back) total.
+ * For fdatasyncs measured back to back, it is the sync a write arriving at a random time
+ * would wait on, so its p99 is a floor of any durable reply's p99 on that storage: a stall
+ * of 100 ms is one sample of the plain percentile but delays every call arriving during it.
+ */
+export function lengthWeightedPercentile(durations: readonly number[], p: number): number {
+  const sorted = Float64Array.from(durations).sort();
+  const total = sorted.reduce((a, b) => a + b, 0);
+  if (sorted.length === 0 || total <= 0) return Number.NaN;
+  let acc = 0;
+  for (const d of sorted) {
+    acc += d;
+    if (acc >= (p / 100) * total) return d;
+  }
+  return sorted[sorted.length - 1]!;
+}
+
 /** Options of runOpenLoop. */
 export interface OpenLoopOptions {
   /** Calls started per second, evenly spaced, whether or not earlier ones have finished. */
