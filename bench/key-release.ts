@@ -379,6 +379,8 @@ interface Results {
   fsyncPerSecond: number;
   /** Slow WAL fdatasyncs the server logged (50 ms or more). */
   slowSyncs: { count: number; maxMs: number };
+  /** The server's event-loop delay over the whole run, from its log. */
+  loopDelay: { p99Ms: number; maxMs: number } | undefined;
   phases: Record<string, PhaseRecord>;
   verification: { responsesChecked: number; packetsChecked: number; distinctVolumes: number };
   targets: { name: string; value: number; ceiling: string; target: string; pass: boolean }[];
@@ -605,22 +607,25 @@ async function run(opts: BenchOptions): Promise<Results> {
     { name: 'volume creations/s', value: c.rate, ceiling: `${ec.rate.toFixed(0)} echo/s, ${fsyncPerSecond.toFixed(0)} fdatasync/s`, target: `>= ${TARGETS.creationsPerSecond}`, pass: c.rate >= TARGETS.creationsPerSecond },
   ];
 
-  // The server's own account of slow WAL fdatasyncs (logged at most once per 10 s each).
+  // 6. Stop everything now so the server writes its profile.
+  await runCleanups();
+  // The server's own account, from its log: slow WAL fdatasyncs (logged at most once per
+  // 10 s each) and its event loop's delay over the whole run (logged when it stops).
   const slowSyncs = { count: 0, maxMs: 0 };
+  let loopDelay: { p99Ms: number; maxMs: number } | undefined;
   for (const line of server.logs().split('\n')) {
-    if (!line.includes('slow WAL fdatasync')) continue;
+    if (!line.includes('slow WAL fdatasync') && !line.includes('event loop delay over the run')) continue;
     try {
-      const l = JSON.parse(line) as { slow_syncs?: number; max_ms?: number };
-      slowSyncs.count += l.slow_syncs ?? 0;
-      slowSyncs.maxMs = Math.max(slowSyncs.maxMs, l.max_ms ?? 0);
+      const l = JSON.parse(line) as { msg?: string; slow_syncs?: number; max_ms?: number; p99_ms?: number };
+      if (l.msg === 'slow WAL fdatasync') {
+        slowSyncs.count += l.slow_syncs ?? 0;
+        slowSyncs.maxMs = Math.max(slowSyncs.maxMs, l.max_ms ?? 0);
+      } else loopDelay = { p99Ms: l.p99_ms ?? Number.NaN, maxMs: l.max_ms ?? Number.NaN };
     } catch {
       // not a log line
     }
   }
-  log(`server: ${slowSyncs.count} WAL fdatasyncs of 50 ms or more logged during the run${slowSyncs.count > 0 ? `, the longest ${slowSyncs.maxMs} ms` : ''}`);
-
-  // 6. Stop everything now so the server writes its profile.
-  await runCleanups();
+  log(`server: ${slowSyncs.count} WAL fdatasyncs of 50 ms or more logged during the run${slowSyncs.count > 0 ? `, the longest ${slowSyncs.maxMs} ms` : ''}; event loop delay p99 ${loopDelay?.p99Ms ?? '?'} ms, max ${loopDelay?.maxMs ?? '?'} ms`);
   let profile: Results['profile'];
   if (opts.profileServer) {
     const files = readdirSync(opts.profileServer).filter((f) => f.endsWith('.cpuprofile') && f.includes(`.${serverPid}.`));
@@ -641,6 +646,7 @@ async function run(opts: BenchOptions): Promise<Results> {
     sizes: { createResponseBytes, release1ResponseBytes, releaseBatchResponseBytes },
     fsyncPerSecond,
     slowSyncs,
+    loopDelay,
     phases,
     verification: { responsesChecked, packetsChecked: verify.packetsChecked, distinctVolumes: verify.secrets.size },
     targets,
@@ -738,7 +744,10 @@ function report(r: Results): string {
   for (const p of Object.values(r.phases)) {
     if (p.roundRates.length > 1) lines.push(`  per round, ${p.label}: ${p.roundRates.map((x) => fmt(x)).join(', ')} calls/s`);
   }
-  lines.push(`server log: ${r.slowSyncs.count} WAL fdatasyncs of 50 ms or more${r.slowSyncs.count > 0 ? ` (longest ${r.slowSyncs.maxMs} ms)` : ''}`);
+  lines.push(
+    `server log: ${r.slowSyncs.count} WAL fdatasyncs of 50 ms or more${r.slowSyncs.count > 0 ? ` (longest ${r.slowSyncs.maxMs} ms)` : ''}; ` +
+      `event loop delay over the whole run p99 ${r.loopDelay?.p99Ms ?? '?'} ms, max ${r.loopDelay?.maxMs ?? '?'} ms`,
+  );
   lines.push(`verification: ${r.verification.responsesChecked} sampled responses, ${r.verification.packetsChecked} packets opened with the host's box key and decoded to the requested volume (${r.verification.distinctVolumes} distinct volumes): OK`);
   lines.push('');
   lines.push(table(targetRows(r)));

@@ -2,6 +2,7 @@
  * Composition root of `virtkm-server run`: unseal, open, wire, serve, shut down on signals.
  */
 import { readFileSync } from 'node:fs';
+import { startLoopMonitor } from '../../../shared/src/loop-monitor.js';
 import { nativeSodium } from '../../../shared/src/native-sodium.js';
 import { loadSodium } from '../../../shared/src/sodium.js';
 import { createLogger, describeError } from '../../../shared/src/log.js';
@@ -60,12 +61,14 @@ export async function runCommand(raw: ServerRunOptions): Promise<void> {
     rotation: opts.rotation,
     sealed: access.grpc,
   });
+  const loop = startLoopMonitor(logger.child('loop'));
   // One machine-readable line on stdout for supervisors and tests.
   process.stdout.write(JSON.stringify({ event: 'ready', listen: server.address, enroll: server.enrollAddress || null, pid: process.pid, ...(access.isSealed() ? { sealed: true } : {}) }) + '\n');
 
   await new Promise<void>((resolve) => {
     const stop = (signal: string) => {
       logger.info('shutting down', { signal });
+      loop.stop();
       // A bound on the whole shutdown: whatever hangs (a scheduler pass, a stuck write),
       // a stop request ends the process, as a service manager expects.
       const watchdog = setTimeout(() => {
