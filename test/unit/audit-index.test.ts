@@ -12,6 +12,23 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MIGRATIONS } from '../../server/src/store/migrations.js';
 import { auditIndexPath, openSqliteStore, type SqliteStore } from '../../server/src/store/sqlite-store.js';
+import { createLogger } from '../../shared/src/log.js';
+
+/** Opens the store with a logger that keeps what the repair at open said. */
+function openLogged(path: string): { store: SqliteStore; repair: () => Record<string, unknown> | undefined } {
+  const out: string[] = [];
+  const store = openSqliteStore({ path, logger: createLogger({ component: 'store', level: 'debug', write: (l) => out.push(l) }) });
+  return { store, repair: () => out.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === 'audit index brought up to date') };
+}
+
+function hashOf(path: string, seq: number): string {
+  const db = new Database(path, { readonly: true });
+  try {
+    return db.prepare<[number], string>('SELECT hash FROM audit_log WHERE seq = ?').pluck().get(seq)!;
+  } finally {
+    db.close();
+  }
+}
 
 const TARGETS = ['vol-a', 'vol-b', 'vol-c', 'vol-d'];
 
@@ -111,18 +128,44 @@ test(
 );
 
 test(
-  'an index behind the log (its last commit lost) gets the missing entries at open',
+  'an index behind the log (its last commit lost) gets only the missing entries at open',
   withDir(async (t, path) => {
-    let store = openSqliteStore({ path });
-    await append(store, 40);
-    await store.close();
+    const first = openSqliteStore({ path });
+    await append(first, 40);
+    await first.close();
+    const hash25 = hashOf(path, 25);
     editIndex(path, (db) => {
       db.prepare('DELETE FROM by_target WHERE seq > 25').run();
-      db.prepare('UPDATE state SET upto = 25').run();
+      db.prepare('UPDATE state SET upto = 25, upto_hash = ?').run(hash25);
     });
-    store = openSqliteStore({ path });
+    const { store, repair } = openLogged(path);
     try {
       assertIndexMatches(t, store, path);
+      t.like(repair(), { covered_before: 25, audit_entries: 40, rebuilt: false, added: 15, removed: 0 });
+    } finally {
+      await store.close();
+    }
+    const again = openLogged(path);
+    t.is(again.repair(), undefined, 'nothing to do at the next open');
+    await again.store.close();
+  }),
+);
+
+test(
+  'an index of another history (same length, other targets, other hash) is rebuilt, and a stale entry never shows another target',
+  withDir(async (t, path) => {
+    const first = openSqliteStore({ path });
+    await append(first, 20);
+    await first.close();
+    editIndex(path, (db) => {
+      // Every entry filed under the wrong target, as an index from another database would be.
+      db.prepare("UPDATE by_target SET target = 'vol-z' || target").run();
+      db.prepare("UPDATE state SET upto_hash = 'not the hash'").run();
+    });
+    const { store, repair } = openLogged(path);
+    try {
+      assertIndexMatches(t, store, path);
+      t.like(repair(), { rebuilt: true, added: 20, removed: 20 });
     } finally {
       await store.close();
     }
@@ -140,9 +183,11 @@ test(
       for (let seq = 21; seq <= 30; seq++) ins.run(TARGETS[seq % TARGETS.length], seq);
       db.prepare('UPDATE state SET upto = 30').run();
     });
-    store = openSqliteStore({ path });
+    const logged = openLogged(path);
+    store = logged.store;
     try {
       assertIndexMatches(t, store, path);
+      t.like(logged.repair(), { covered_before: 30, audit_entries: 20, rebuilt: true });
       // New entries take the seqs the phantom entries had, under their own targets.
       await append(store, 10, 2);
       assertIndexMatches(t, store, path);

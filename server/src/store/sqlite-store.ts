@@ -423,19 +423,20 @@ function prepareStatements(db: Database.Database) {
       `SELECT ${AUDIT_COLS} FROM audit_log WHERE seq > ? AND action = ? ORDER BY seq LIMIT ?`,
     ),
     // By target through the audit index (attachAuditIndex), then the entries by seq.
+    // `a.target = t.target`: an index entry never shows another target's entry.
     listAuditByTarget: db.prepare<[string, number, number], AuditRow>(
-      `SELECT ${AUDIT_COLS_OF('a')} FROM ${AUDIT_INDEX}.by_target t JOIN audit_log a ON a.seq = t.seq
+      `SELECT ${AUDIT_COLS_OF('a')} FROM ${AUDIT_INDEX}.by_target t JOIN audit_log a ON a.seq = t.seq AND a.target = t.target
         WHERE t.target = ? AND t.seq > ? ORDER BY t.seq LIMIT ?`,
     ),
     listAuditByActionTarget: db.prepare<[string, number, string, number], AuditRow>(
-      `SELECT ${AUDIT_COLS_OF('a')} FROM ${AUDIT_INDEX}.by_target t JOIN audit_log a ON a.seq = t.seq
+      `SELECT ${AUDIT_COLS_OF('a')} FROM ${AUDIT_INDEX}.by_target t JOIN audit_log a ON a.seq = t.seq AND a.target = t.target
         WHERE t.target = ? AND t.seq > ? AND a.action = ? ORDER BY t.seq LIMIT ?`,
     ),
     insertAudit: db.prepare<[number, string, string, string, string, string, string, string, string]>(
       `INSERT INTO audit_log (${AUDIT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     ),
     insertAuditTarget: db.prepare<[string, number]>(`INSERT INTO ${AUDIT_INDEX}.by_target (target, seq) VALUES (?, ?)`),
-    setAuditIndexUpto: db.prepare<[number]>(`UPDATE ${AUDIT_INDEX}.state SET upto = ? WHERE id = 1`),
+    setAuditIndexUpto: db.prepare<[number, string]>(`UPDATE ${AUDIT_INDEX}.state SET upto = ?, upto_hash = ? WHERE id = 1`),
 
     // Settings.
     getSetting: db.prepare<[string], string>('SELECT value FROM settings WHERE key = ?').pluck(),
@@ -624,8 +625,9 @@ export function auditIndexPath(dbPath: string): string {
 
 /**
  * The audit log's index by target, in a database file of its own, attached to the store's
- * connection as `audit_index`: `by_target(target, seq)` and `state(upto)`, the highest seq
- * it covers. appendAudit writes both in the same transaction as the entry.
+ * connection as `audit_index`: `by_target(target, seq)` and `state(upto, upto_hash)`, the
+ * highest seq it covers and that entry's chain hash. appendAudit writes both in the same
+ * transaction as the entry.
  *
  * Why apart: key releases add audit entries for random volumes, so each one inserts at a
  * random place of this index, and its page splits renumber pages through a scratch page
@@ -637,10 +639,13 @@ export function auditIndexPath(dbPath: string): string {
  * It is derived data: SQLite commits each attached WAL database on its own, so a crash
  * between the two may leave the index one transaction behind or ahead of audit_log, and
  * the index is synced only at its checkpoints (synchronous=NORMAL, consistent but perhaps
- * not durable). So at every open it is brought back to exactly audit_log: entries past
- * audit_log's end are deleted, missing ones inserted (all of them for a new or lost file,
- * e.g. after a restore of the main file alone). A file that SQLite calls corrupt or not a
- * database is deleted and rebuilt. The audit chain itself never depends on it.
+ * not durable). So at every open it is brought back to exactly audit_log: when the log
+ * holds the entry the index ends at, with the same chain hash (which commits to the whole
+ * history before it), only the missing entries are added; in any other case (index ahead
+ * of the log, another history, a new or lost file) it is rebuilt from the whole log. A file
+ * that SQLite calls corrupt or not a database is deleted and rebuilt. The audit chain
+ * itself never depends on it, and a query joins each index entry to the log by seq AND
+ * target, so a stale entry can hide nothing and show nothing false.
  */
 function attachAuditIndex(db: Database.Database, dbPath: string, memory: boolean, exclusive: boolean, logger: Logger): void {
   const path = memory ? ':memory:' : auditIndexPath(dbPath);
@@ -654,8 +659,8 @@ function attachAuditIndex(db: Database.Database, dbPath: string, memory: boolean
     db.pragma(`${AUDIT_INDEX}.cache_size = -${AUDIT_INDEX_CACHE_KIB}`);
     db.exec(`
       CREATE TABLE IF NOT EXISTS ${AUDIT_INDEX}.by_target (target TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (target, seq)) WITHOUT ROWID, STRICT;
-      CREATE TABLE IF NOT EXISTS ${AUDIT_INDEX}.state (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL) STRICT;
-      INSERT OR IGNORE INTO ${AUDIT_INDEX}.state (id, upto) VALUES (1, 0);`);
+      CREATE TABLE IF NOT EXISTS ${AUDIT_INDEX}.state (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL, upto_hash TEXT NOT NULL) STRICT;
+      INSERT OR IGNORE INTO ${AUDIT_INDEX}.state (id, upto, upto_hash) VALUES (1, 0, '');`);
     repairAuditIndex(db, logger);
   };
   try {
@@ -677,19 +682,21 @@ function attachAuditIndex(db: Database.Database, dbPath: string, memory: boolean
 /** Makes the audit index cover exactly audit_log (see attachAuditIndex). */
 function repairAuditIndex(db: Database.Database, logger: Logger): void {
   db.transaction(() => {
-    const last = Number(db.prepare<[], number>('SELECT coalesce(max(seq), 0) FROM audit_log').pluck().get() ?? 0);
-    const upto = Number(db.prepare<[], number>(`SELECT upto FROM ${AUDIT_INDEX}.state WHERE id = 1`).pluck().get() ?? 0);
-    if (upto === last) return;
-    let removed = 0;
-    let added = 0;
-    if (upto > last) {
-      // A scan of the index; only after a crash between the two files' commits or a restore.
-      removed = db.prepare<[number]>(`DELETE FROM ${AUDIT_INDEX}.by_target WHERE seq > ?`).run(last).changes;
-    } else {
-      added = db.prepare<[number]>(`INSERT OR IGNORE INTO ${AUDIT_INDEX}.by_target (target, seq) SELECT target, seq FROM audit_log WHERE seq > ? ORDER BY target, seq`).run(upto).changes;
-    }
-    db.prepare<[number]>(`UPDATE ${AUDIT_INDEX}.state SET upto = ? WHERE id = 1`).run(last);
-    logger.info('audit index brought up to date', { covered_before: upto, audit_entries: last, added, removed });
+    const head = db.prepare<[], { seq: number; hash: string }>('SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1').get();
+    const last = head ? Number(head.seq) : 0;
+    const state = db.prepare<[], { upto: number; upto_hash: string }>(`SELECT upto, upto_hash FROM ${AUDIT_INDEX}.state WHERE id = 1`).get();
+    const upto = state ? Number(state.upto) : 0;
+    const hashAt = (seq: number) => (seq === 0 ? '' : db.prepare<[number], string>('SELECT hash FROM audit_log WHERE seq = ?').pluck().get(seq));
+    // The index is a prefix of this log when the log has its last entry, same hash.
+    const prefix = upto <= last && hashAt(upto) === (state?.upto_hash ?? '');
+    if (prefix && upto === last) return;
+    const from = prefix ? upto : 0;
+    const removed = prefix ? 0 : db.prepare(`DELETE FROM ${AUDIT_INDEX}.by_target`).run().changes;
+    const added = db
+      .prepare<[number]>(`INSERT INTO ${AUDIT_INDEX}.by_target (target, seq) SELECT target, seq FROM audit_log WHERE seq > ? ORDER BY target, seq`)
+      .run(from).changes;
+    db.prepare<[number, string]>(`UPDATE ${AUDIT_INDEX}.state SET upto = ?, upto_hash = ? WHERE id = 1`).run(last, head?.hash ?? '');
+    logger.info('audit index brought up to date', { covered_before: upto, audit_entries: last, rebuilt: !prefix, added, removed });
   })();
 }
 
@@ -1344,7 +1351,7 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
       record.hash,
     );
     this.#s.insertAuditTarget.run(record.target, record.seq);
-    this.#s.setAuditIndexUpto.run(record.seq);
+    this.#s.setAuditIndexUpto.run(record.seq, record.hash);
     // Advance the in-memory head only once the row is in; #runBatch rewinds it if the
     // unit's savepoint or the batch's COMMIT is rolled back.
     this.#head = { seq: record.seq, hash: record.hash };
