@@ -106,6 +106,11 @@ test(
       await store.close();
     }
     t.is(statSync(auditIndexPath(path)).mode & 0o777, 0o600);
+    // The index's state followed every batch: nothing to repair at the next open.
+    const again = openLogged(path);
+    t.is(again.repair(), undefined);
+    assertIndexMatches(t, again.store, path);
+    await again.store.close();
   }),
 );
 

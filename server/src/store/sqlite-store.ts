@@ -626,8 +626,9 @@ export function auditIndexPath(dbPath: string): string {
 /**
  * The audit log's index by target, in a database file of its own, attached to the store's
  * connection as `audit_index`: `by_target(target, seq)` and `state(upto, upto_hash)`, the
- * highest seq it covers and that entry's chain hash. appendAudit writes both in the same
- * transaction as the entry.
+ * highest seq it covers and that entry's chain hash. appendAudit adds the entry's row to
+ * by_target, and the batch sets the state once before its COMMIT: all in the transaction
+ * that writes the entries.
  *
  * Why apart: key releases add audit entries for random volumes, so each one inserts at a
  * random place of this index, and its page splits renumber pages through a scratch page
@@ -1351,7 +1352,6 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
       record.hash,
     );
     this.#s.insertAuditTarget.run(record.target, record.seq);
-    this.#s.setAuditIndexUpto.run(record.seq, record.hash);
     // Advance the in-memory head only once the row is in; #runBatch rewinds it if the
     // unit's savepoint or the batch's COMMIT is rolled back.
     this.#head = { seq: record.seq, hash: record.hash };
@@ -1478,6 +1478,8 @@ class SqliteStoreImpl implements SqliteStore, StoreWriter {
           outcomes.push({ ok: false, error: err });
         }
       }
+      // The audit index's state, once per batch: where the chain's head is now.
+      if (this.#head.seq !== headAtStart.seq) this.#s.setAuditIndexUpto.run(this.#head.seq, this.#head.hash);
       this.#hooks.beforeCommit?.();
       this.#s.commit.run();
     } catch (err) {
