@@ -12,7 +12,7 @@
  * of small order); libsodium refuses a small-order key again here all the same.
  */
 import { parentPort } from 'node:worker_threads';
-import { ephemeralShare } from '../../../shared/src/box.js';
+import { ephemeralShare } from '../../../shared/src/box-seal.js';
 
 /** Bytes per share in a slab: ephemeral public key, then box key. */
 const SHARE_BYTES = 64;
