@@ -577,8 +577,8 @@ async function run(opts: BenchOptions): Promise<Results> {
       await releaseFixed();
       const f = measureFsync(tmp.path, opts.seconds);
       fsyncLatencies.push(...f.latencies);
-      const fs = latencyStats(f.latencies);
-      log(`storage now: ${f.rate.toFixed(0)} fdatasync/s, p50 ${fs.p50.toFixed(2)} ms, p99 ${fs.p99.toFixed(2)} ms, max ${fs.max.toFixed(2)} ms, time-weighted p99 ${lengthWeightedPercentile(f.latencies, 99).toFixed(2)} ms`);
+      const st = latencyStats(f.latencies);
+      log(`storage now: ${f.rate.toFixed(0)} fdatasync/s, p50 ${st.p50.toFixed(2)} ms, p99 ${st.p99.toFixed(2)} ms, max ${st.max.toFixed(2)} ms, time-weighted p99 ${lengthWeightedPercentile(f.latencies, 99).toFixed(2)} ms`);
     }
   }
   await echoRun('echoCreate', createResponseBytes, opts.createConcurrency);

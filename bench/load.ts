@@ -133,6 +133,22 @@ export function cpuMeter(otherPid?: number): () => { self: number; other: number
   };
 }
 
+/** A run's result from its latencies (ms), errors, duration (s) and CPU use. */
+function loadResult(latencies: number[], errors: number, firstError: string | undefined, seconds: number, cpu: ReturnType<ReturnType<typeof cpuMeter>>): LoadResult {
+  return {
+    calls: latencies.length,
+    errors,
+    firstError,
+    seconds,
+    rate: seconds > 0 ? latencies.length / seconds : 0,
+    latency: latencyStats(latencies),
+    clientCpuPercent: cpu.self,
+    serverCpuPercent: cpu.other,
+    machineCpuPercent: cpu.machine,
+    latencies,
+  };
+}
+
 /**
  * Keeps `concurrency` calls of `call` in flight until `seconds` have passed or `maxCalls`
  * calls were issued, and measures each call's latency. `call(i)` gets the call's index.
@@ -164,20 +180,7 @@ export async function runClosedLoop(opts: LoadOptions, call: (i: number) => Prom
     }
   };
   await Promise.all(Array.from({ length: opts.concurrency }, worker));
-  const cpu = meter();
-  const seconds = (lastDone - start) / 1000;
-  return {
-    calls: latencies.length,
-    errors,
-    firstError,
-    seconds,
-    rate: seconds > 0 ? latencies.length / seconds : 0,
-    latency: latencyStats(latencies),
-    clientCpuPercent: cpu.self,
-    serverCpuPercent: cpu.other,
-    machineCpuPercent: cpu.machine,
-    latencies,
-  };
+  return loadResult(latencies, errors, firstError, (lastDone - start) / 1000, meter());
 }
 
 /**
@@ -221,7 +224,6 @@ export async function runOpenLoop(opts: OpenLoopOptions, call: (i: number) => Pr
   const latencies: number[] = [];
   let errors = 0;
   let firstError: string | undefined;
-  let outstanding = 0;
   const inFlight = new Set<Promise<void>>();
   const meter = cpuMeter(opts.serverPid);
   const start = performance.now();
@@ -234,11 +236,10 @@ export async function runOpenLoop(opts: OpenLoopOptions, call: (i: number) => Pr
     firstError ??= msg;
   };
   const issue = (i: number, due: number) => {
-    if (outstanding >= opts.maxOutstanding) {
+    if (inFlight.size >= opts.maxOutstanding) {
       fail(`more than ${opts.maxOutstanding} calls outstanding`);
       return;
     }
-    outstanding++;
     const p = call(i).then(
       () => {
         const t1 = performance.now();
@@ -250,10 +251,7 @@ export async function runOpenLoop(opts: OpenLoopOptions, call: (i: number) => Pr
         fail(err instanceof Error ? err.message : String(err));
       },
     );
-    const tracked = p.finally(() => {
-      outstanding--;
-      inFlight.delete(tracked);
-    });
+    const tracked = p.finally(() => inFlight.delete(tracked));
     inFlight.add(tracked);
   };
   while (next < total) {
@@ -271,20 +269,7 @@ export async function runOpenLoop(opts: OpenLoopOptions, call: (i: number) => Pr
     await new Promise<void>((resolve) => setTimeout(resolve, Math.max(1, Math.floor(wait))));
   }
   await Promise.all([...inFlight]);
-  const cpu = meter();
-  const seconds = (lastDone - start) / 1000;
-  return {
-    calls: latencies.length,
-    errors,
-    firstError,
-    seconds,
-    rate: seconds > 0 ? latencies.length / seconds : 0,
-    latency: latencyStats(latencies),
-    clientCpuPercent: cpu.self,
-    serverCpuPercent: cpu.other,
-    machineCpuPercent: cpu.machine,
-    latencies,
-  };
+  return loadResult(latencies, errors, firstError, (lastDone - start) / 1000, meter());
 }
 
 /**

@@ -22,10 +22,9 @@
  * the main thread (where Node spawns children), once, early. Keys are permitted only to
  * their possessor (view, write, search, link, setattr) plus view for their owner.
  */
-import { createRequire } from 'node:module';
-import type * as Koffi from 'koffi';
 import { DomainError, errors } from './errors.js';
 import { describeError, type Logger } from './log.js';
+import { nativeLibrary } from './native-library.js';
 
 /** Special keyring ids (keyutils.h). */
 export const KEY_SPEC = Object.freeze({ thread: -1, process: -2, session: -3, user: -4, userSession: -5 });
@@ -77,49 +76,37 @@ interface KeyUtils {
   errno: () => number;
 }
 
-let keyutils: KeyUtils | undefined;
-let loadError: string | undefined;
+/** libkeyutils through koffi, loaded once (native-library.ts). */
+const keyutils = nativeLibrary<KeyUtils>('libkeyutils.so.1', (koffi, l) => {
+  const addKey = l.func('int32_t add_key(const char *type, const char *description, const void *payload, size_t plen, int32_t ringid)');
+  const unlink = l.func('long keyctl_unlink(int32_t key, int32_t keyring)');
+  const search = l.func('long keyctl_search(int32_t ringid, const char *type, const char *description, int32_t destringid)');
+  const read = l.func('long keyctl_read(int32_t id, void *buffer, size_t buflen)');
+  const describe = l.func('long keyctl_describe(int32_t id, void *buffer, size_t buflen)');
+  const setperm = l.func('long keyctl_setperm(int32_t id, uint32_t perm)');
+  const joinSession = l.func('int32_t keyctl_join_session_keyring(const char *name)');
+  return {
+    addKey: (type, description, payload, length, ring) => addKey(type, description, payload, length, ring) as number,
+    unlink: (key, ring) => Number(unlink(key, ring)),
+    search: (ring, type, description, dest) => Number(search(ring, type, description, dest)),
+    read: (key, buffer, length) => Number(read(key, buffer, length)),
+    describe: (key, buffer, length) => Number(describe(key, buffer, length)),
+    setperm: (key, perm) => Number(setperm(key, perm)),
+    joinSession: (name) => joinSession(name) as number,
+    errno: () => koffi.errno(),
+  };
+});
 
-/** libkeyutils through koffi, loaded once, synchronously (koffi is CommonJS). */
 function lib(): KeyUtils {
-  if (keyutils) return keyutils;
-  if (loadError === undefined) {
-    try {
-      const koffi = createRequire(import.meta.url)('koffi') as typeof Koffi;
-      const l = koffi.load('libkeyutils.so.1');
-      const addKey = l.func('int32_t add_key(const char *type, const char *description, const void *payload, size_t plen, int32_t ringid)');
-      const unlink = l.func('long keyctl_unlink(int32_t key, int32_t keyring)');
-      const search = l.func('long keyctl_search(int32_t ringid, const char *type, const char *description, int32_t destringid)');
-      const read = l.func('long keyctl_read(int32_t id, void *buffer, size_t buflen)');
-      const describe = l.func('long keyctl_describe(int32_t id, void *buffer, size_t buflen)');
-      const setperm = l.func('long keyctl_setperm(int32_t id, uint32_t perm)');
-      const joinSession = l.func('int32_t keyctl_join_session_keyring(const char *name)');
-      keyutils = {
-        addKey: (type, description, payload, length, ring) => addKey(type, description, payload, length, ring) as number,
-        unlink: (key, ring) => Number(unlink(key, ring)),
-        search: (ring, type, description, dest) => Number(search(ring, type, description, dest)),
-        read: (key, buffer, length) => Number(read(key, buffer, length)),
-        describe: (key, buffer, length) => Number(describe(key, buffer, length)),
-        setperm: (key, perm) => Number(setperm(key, perm)),
-        joinSession: (name) => joinSession(name) as number,
-        errno: () => koffi.errno(),
-      };
-      return keyutils;
-    } catch (err) {
-      loadError = err instanceof Error ? err.message : String(err);
-    }
-  }
+  const l = keyutils.get();
+  if (l) return l;
   throw new DomainError('unavailable', 'the kernel keyring cannot be used: libkeyutils.so.1 does not load', { hint: 'install the Debian package libkeyutils1' });
 }
 
 /** Why the keyring cannot be used here, or undefined when it can. */
 export function keyringUnavailableReason(): string | undefined {
-  try {
-    lib();
-    return undefined;
-  } catch {
-    return `libkeyutils.so.1 does not load (${loadError ?? 'unknown'}); install libkeyutils1`;
-  }
+  if (keyutils.get()) return undefined;
+  return `libkeyutils.so.1 does not load (${keyutils.error() ?? 'unknown'}); install libkeyutils1`;
 }
 
 /** A failed keyctl call: the errno's name, never a payload. */

@@ -15,8 +15,8 @@
  * Loaded once, lazily and synchronously; `nativeSodium()` throws a clear error when the
  * library is missing. Works in worker threads too (each thread loads its own handle).
  */
-import { createRequire } from 'node:module';
 import type * as Koffi from 'koffi';
+import { nativeLibrary } from './native-library.js';
 
 /** The library file of Debian 12's libsodium23 (ABI 23). */
 const LIBRARY = 'libsodium.so.23';
@@ -36,26 +36,17 @@ export interface NativeSodium {
   boxSeal(c: Uint8Array, m: Uint8Array, pk: Uint8Array): number;
 }
 
-let loaded: NativeSodium | undefined;
-let loadError: string | undefined;
+/** The library, loaded once (native-library.ts). */
+const library = nativeLibrary<NativeSodium>(LIBRARY, (_koffi, lib) => bind(lib));
 
 /** The native functions; throws Error naming the missing package when libsodium cannot be loaded. */
 export function nativeSodium(): NativeSodium {
-  if (loaded) return loaded;
-  if (loadError === undefined) {
-    try {
-      loaded = load();
-      return loaded;
-    } catch (err) {
-      loadError = err instanceof Error ? err.message : String(err);
-    }
-  }
-  throw new Error(`native libsodium (${LIBRARY}) is not usable: ${loadError}; install the Debian package libsodium23`);
+  const n = library.get();
+  if (n) return n;
+  throw new Error(`native libsodium (${LIBRARY}) is not usable: ${library.error() ?? 'unknown'}; install the Debian package libsodium23`);
 }
 
-function load(): NativeSodium {
-  const koffi = createRequire(import.meta.url)('koffi') as typeof Koffi;
-  const lib = koffi.load(LIBRARY);
+function bind(lib: Koffi.LibraryHandle): NativeSodium {
   const init = lib.func('int sodium_init(void)');
   // 0 = initialised now, 1 = already initialised; -1 = failure.
   if ((init() as number) < 0) throw new Error('sodium_init failed');

@@ -49,6 +49,13 @@ async function append(store: SqliteStore, n: number, offset = 0): Promise<void> 
   });
 }
 
+/** A database at `path` with `n` audit entries, closed again. */
+async function seeded(path: string, n: number): Promise<void> {
+  const store = openSqliteStore({ path });
+  await append(store, n);
+  await store.close();
+}
+
 /** seqs per target through the store's query (the index), and by a scan of the log. */
 function byIndex(store: SqliteStore, target: string, action?: string): number[] {
   const out: number[] = [];
@@ -117,11 +124,9 @@ test(
 test(
   'a lost index file is rebuilt from the audit log at open',
   withDir(async (t, path) => {
-    let store = openSqliteStore({ path });
-    await append(store, 40);
-    await store.close();
+    await seeded(path, 40);
     for (const f of [auditIndexPath(path), `${auditIndexPath(path)}-wal`]) rmSync(f, { force: true });
-    store = openSqliteStore({ path });
+    const store = openSqliteStore({ path });
     try {
       t.true(existsSync(auditIndexPath(path)));
       assertIndexMatches(t, store, path);
@@ -135,9 +140,7 @@ test(
 test(
   'an index behind the log (its last commit lost) gets only the missing entries at open',
   withDir(async (t, path) => {
-    const first = openSqliteStore({ path });
-    await append(first, 40);
-    await first.close();
+    await seeded(path, 40);
     const hash25 = hashOf(path, 25);
     editIndex(path, (db) => {
       db.prepare('DELETE FROM by_target WHERE seq > 25').run();
@@ -159,9 +162,7 @@ test(
 test(
   'an index of another history (same length, other targets, other hash) is rebuilt, and a stale entry never shows another target',
   withDir(async (t, path) => {
-    const first = openSqliteStore({ path });
-    await append(first, 20);
-    await first.close();
+    await seeded(path, 20);
     editIndex(path, (db) => {
       // Every entry filed under the wrong target, as an index from another database would be.
       db.prepare("UPDATE by_target SET target = 'vol-z' || target").run();
@@ -180,16 +181,14 @@ test(
 test(
   'an index ahead of the log (the log lost its last commit, or was restored alone) loses the extra entries at open',
   withDir(async (t, path) => {
-    let store = openSqliteStore({ path });
-    await append(store, 20);
-    await store.close();
+    await seeded(path, 20);
     editIndex(path, (db) => {
       const ins = db.prepare('INSERT INTO by_target (target, seq) VALUES (?, ?)');
       for (let seq = 21; seq <= 30; seq++) ins.run(TARGETS[seq % TARGETS.length], seq);
       db.prepare('UPDATE state SET upto = 30').run();
     });
     const logged = openLogged(path);
-    store = logged.store;
+    const store = logged.store;
     try {
       assertIndexMatches(t, store, path);
       t.like(logged.repair(), { covered_before: 30, audit_entries: 20, rebuilt: true });
@@ -205,12 +204,10 @@ test(
 test(
   'an index file that is not a database is replaced and rebuilt',
   withDir(async (t, path) => {
-    let store = openSqliteStore({ path });
-    await append(store, 12);
-    await store.close();
+    await seeded(path, 12);
     rmSync(`${auditIndexPath(path)}-wal`, { force: true });
     writeFileSync(auditIndexPath(path), Buffer.alloc(8192, 0x5a));
-    store = openSqliteStore({ path });
+    const store = openSqliteStore({ path });
     try {
       assertIndexMatches(t, store, path);
       t.is(byIndex(store, 'vol-c').length, 3);
